@@ -1,0 +1,1 @@
+"""racer-vec: a vectorized single-process JAX trainer for RACER on highway-env. (No JAX imported here.)"""
