@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -225,8 +226,28 @@ class TrainConfig:
     eval_episodes: int = 3
     eval_seed: int = 10_000
     """Evaluation episode k uses seed eval_seed + k."""
-    preset: str = "racer_highway"
-    """Name of the preset this config came from (set by the preset)."""
+    preset: tyro.conf.Suppress[str] = "racer_highway"
+    """Name of the preset this config came from (set by the preset, not a flag)."""
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a (nested) config dataclass from `to_dict` output, e.g. a saved config.json."""
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown config fields {sorted(unknown)} (saved by another version of racer-vec?)")
+    kwargs = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]):
+            value = from_dict(hints[name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

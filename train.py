@@ -1,0 +1,22 @@
+"""Train RACER on highway-env: `python train.py [PRESET] [--flags]` (see --help)."""
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    # JAX is imported inside main(): spawned env workers re-import this module as __mp_main__.
+    from racer_vec.cli import parse_train_args
+    from racer_vec.config import ConfigError
+
+    try:
+        cfg = parse_train_args(argv)
+        from racer_vec.training import train
+
+        return train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
