@@ -1,8 +1,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+ARGS ?=
 
-.PHONY: test
+.PHONY: test train bench
 
 # (Re)install when the venv is missing or older than pyproject.toml.
 $(STAMP): pyproject.toml
@@ -13,3 +14,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Train the default preset; extra flags via ARGS, e.g. make train ARGS="highway_fast --num-envs 8".
+train: $(STAMP)
+	$(PY) train.py $(ARGS)

@@ -1,0 +1,296 @@
+"""The env layer (SPEC 3): one highway-env per worker, and the AsyncVectorEnv of N of them.
+
+No JAX here: forkserver/spawn workers import this module (SPEC 2, import hygiene).
+
+Seeding: worker i is built with seed `seed + i` and reset with it once at construction, so every
+worker's simulator and action space start from a distinct, reproducible seed. The driver's
+`envs.reset(seed=seed)` gives worker i the same `seed + i` (gymnasium's rule for an int seed); after
+that, SAME_STEP autoresets continue each worker's own random stream.
+
+Info keys of every step and reset (`STEP_KEYS` plus `rewards`), per worker:
+  offroad             bool   SPEC 3 rule: |lateral lane offset| > half the lane width, or not on the road
+  crashed             bool
+  speed               float  m/s
+  forward_speed       float  speed * cos(heading), m/s
+  nearest_distance    float  metres to the nearest other vehicle, centre to centre (inf when none)
+  offroad_terminated  bool   this step terminated the episode without a crash
+  rewards             dict   highway-env's reward terms (as floats)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import multiprocessing
+import signal
+import time
+from collections.abc import Container
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.envs.registration import load_env_creator
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode
+
+from racer_vec.config import ConfigError, EnvConfig
+
+OBS_CLIP = 100.0
+STEP_KEYS = ("offroad", "crashed", "speed", "forward_speed", "nearest_distance", "offroad_terminated")
+"""Scalar per-step info values; `step_values` also returns the `rewards` dict."""
+DEAD_WORKER_POLL_S = 2.0
+"""How long find_failed_worker waits for a dead worker's exit code (it is None for a few ms)."""
+
+
+class EnvWorkerError(RuntimeError):
+    """An exception raised inside worker `env_index`'s step or reset."""
+
+    def __init__(self, env_index: int | EnvWorkerError, message: str | None = None):
+        # AsyncVectorEnv re-raises a worker's exception in the driver as `type(exc)(exc)`
+        if isinstance(env_index, EnvWorkerError):
+            env_index, message = env_index.env_index, env_index.message
+        super().__init__(env_index, message)
+        self.env_index = int(env_index)
+        self.message = message
+
+    def __reduce__(self):
+        # the worker sends it to the driver through a multiprocessing queue: it must unpickle
+        return (EnvWorkerError, (self.env_index, self.message))
+
+    def __str__(self) -> str:
+        return f"env worker {self.env_index}: {self.message}"
+
+
+def _env_class(env_id: str) -> type:
+    module, sep, name = env_id.rpartition(":")
+    if not sep:
+        raise ConfigError(
+            f"--env.env-id must have the module:id form (e.g. highway_env:highway-v0), got '{env_id}'"
+        )
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"--env.env-id: cannot import module '{module}' ({e})") from None
+    try:
+        entry_point = gym.spec(name).entry_point
+    except gym.error.Error as e:
+        raise ConfigError(f"--env.env-id: unknown environment '{env_id}' ({e})") from None
+    env_class = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    if not hasattr(env_class, "default_config"):
+        raise ConfigError(f"--env.env-id: '{env_id}' is not a highway-env environment")
+    return env_class
+
+
+def _known_keys(component) -> set[str]:
+    """The config keys an observation/action type reads: its constructor's named parameters."""
+    params = inspect.signature(type(component).__init__).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return (named - {"self", "env"}) | {"type"}
+
+
+def _check_keys(config: dict, known: Container[str], where: str) -> None:
+    # highway-env silently ignores keys it does not read (that is how `initial_spacing` went unnoticed)
+    for key in config:
+        if key not in known:
+            raise ConfigError(f"unknown highway-env config key '{where}{key}'")
+
+
+class HighwayLayer(gym.Wrapper):
+    """Flat clipped observation, enriched info and the env layer's offroad rules (SPEC 3)."""
+
+    def __init__(self, env: gym.Env, max_offroad_steps: int, offroad_termination_reward: float):
+        super().__init__(env)
+        self.observation_space = gym.spaces.Box(
+            -OBS_CLIP, OBS_CLIP, shape=(math.prod(env.observation_space.shape),), dtype=np.float32
+        )
+        self.max_offroad_steps = max_offroad_steps
+        self.offroad_termination_reward = offroad_termination_reward
+        self.offroad_steps = 0
+
+    def _observation(self, obs: np.ndarray) -> np.ndarray:
+        return np.clip(obs.reshape(-1), -OBS_CLIP, OBS_CLIP).astype(np.float32)
+
+    def _info(self, info: dict) -> dict:
+        ego = self.env.unwrapped.vehicle
+        longitudinal, lateral, _ = ego.lane_offset
+        offroad = abs(lateral) > ego.lane.width_at(longitudinal) / 2 or not ego.on_road
+        others = [v.position for v in self.env.unwrapped.road.vehicles if v is not ego]
+        nearest = (
+            float(np.min(np.linalg.norm(np.asarray(others) - ego.position, axis=1))) if others else math.inf
+        )
+        # plain Python types: AsyncVectorEnv stacks each key with the dtype of the first env's value
+        return {
+            **info,
+            "offroad": bool(offroad),
+            "crashed": bool(ego.crashed),
+            "speed": float(ego.speed),
+            "forward_speed": float(ego.speed * math.cos(ego.heading)),
+            "nearest_distance": nearest,
+            "offroad_terminated": False,
+            "rewards": {k: float(r) for k, r in info["rewards"].items()},
+        }
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.offroad_steps = 0
+        return self._observation(obs), self._info(info)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info = self._info(info)
+        self.offroad_steps = self.offroad_steps + 1 if info["offroad"] else 0
+        terminated = bool(terminated) or 0 < self.max_offroad_steps <= self.offroad_steps
+        # SPEC 3: an offroad termination is a termination without a crash
+        info["offroad_terminated"] = terminated and not info["crashed"]
+        reward = float(reward)
+        if info["offroad_terminated"]:
+            reward += self.offroad_termination_reward
+        return self._observation(obs), reward, terminated, bool(truncated), info
+
+
+class TagErrors(gym.Wrapper):
+    """Re-raise any exception of step/reset as EnvWorkerError carrying this worker's index."""
+
+    def __init__(self, env: gym.Env, env_index: int):
+        super().__init__(env)
+        self.env_index = env_index
+
+    def _tagged(self, e: Exception) -> EnvWorkerError:
+        return EnvWorkerError(self.env_index, f"{type(e).__name__}: {e}")
+
+    def reset(self, *, seed=None, options=None):
+        try:
+            return self.env.reset(seed=seed, options=options)
+        except Exception as e:
+            raise self._tagged(e) from e
+
+    def step(self, action):
+        try:
+            return self.env.step(action)
+        except Exception as e:
+            raise self._tagged(e) from e
+
+
+def make_env(
+    env_cfg: EnvConfig,
+    *,
+    seed: int | None = None,
+    render_mode: str | None = None,
+    env_index: int = 0,
+) -> gym.Env:
+    """One highway env with the env layer; raises ConfigError for an unknown id or config key.
+
+    With a seed, the env and its action space are seeded (the env is reset once with it).
+    """
+    if env_cfg.fast_sim:
+        raise ConfigError("--env.fast-sim: no fast simulator is available in this build (use --env.no-fast-sim)")
+    config = env_cfg.highway_config()
+    _check_keys(config, _env_class(env_cfg.env_id).default_config(), "")
+    env = gym.make(env_cfg.env_id, config=config, render_mode=render_mode)
+    try:
+        for section, component in (
+            ("observation", env.unwrapped.observation_type),
+            ("action", env.unwrapped.action_type),
+        ):
+            _check_keys(config[section], _known_keys(component), f"{section}.")
+    except ConfigError:
+        env.close()
+        raise
+    env = TagErrors(
+        HighwayLayer(env, env_cfg.max_offroad_steps, env_cfg.offroad_termination_reward), env_index
+    )
+    if seed is not None:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+    return env
+
+
+def _worker_env(env_cfg: EnvConfig, seed: int | None, env_index: int, render_mode: str | None) -> gym.Env:
+    # A terminal's Ctrl-C reaches the whole process group; only the driver handles it (SPEC 8).
+    # AsyncVectorEnv also calls the first factory in the driver: keep the driver's handler there.
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return make_env(env_cfg, seed=seed, render_mode=render_mode, env_index=env_index)
+
+
+def make_vector_env(
+    env_cfg: EnvConfig,
+    num_envs: int,
+    *,
+    seed: int,
+    autoreset_mode: AutoresetMode = AutoresetMode.SAME_STEP,
+    context: str = "forkserver",
+    render_mode: str | None = None,
+) -> AsyncVectorEnv:
+    """N worker processes with shared-memory observations; worker i is seeded `seed + i`.
+
+    Use forkserver or spawn: the driver runs JAX, which is multithreaded, so never fork it.
+    """
+    if context == "forkserver":
+        # Import the simulator once in the forkserver (it only reads this before it starts): each
+        # worker is then forked ready instead of importing gymnasium, pandas and highway-env anew
+        # (~0.1 s instead of ~1.7 s per vector env on the 2-core machine). "__main__" is the default.
+        multiprocessing.get_context("forkserver").set_forkserver_preload(
+            ["__main__", "racer_vec.envs", "highway_env"]
+        )
+    env_fns = [
+        functools.partial(_worker_env, env_cfg, seed + i, i, render_mode) for i in range(num_envs)
+    ]
+    return AsyncVectorEnv(env_fns, shared_memory=True, context=context, autoreset_mode=autoreset_mode)
+
+
+def step_values(infos: dict, num_envs: int) -> dict:
+    """Per-env values of a SAME_STEP vector step: `STEP_KEYS` as (N,) arrays, `rewards` a dict of (N,).
+
+    A finished env's top-level info already belongs to its reset episode: its values come from
+    `infos["final_info"]` (gymnasium stacks that nested dict like the top level, mask `_final_info`).
+    """
+    finished = infos.get("_final_info", np.zeros(num_envs, dtype=bool))
+    final = infos.get("final_info")
+
+    def pick(top: np.ndarray, key: str, final_part: dict | None) -> np.ndarray:
+        return top if final_part is None else np.where(finished, final_part[key], top)
+
+    values = {key: pick(infos[key], key, final) for key in STEP_KEYS}
+    final_rewards = None if final is None else final["rewards"]
+    values["rewards"] = {
+        key: pick(r, key, final_rewards) for key, r in infos["rewards"].items() if not key.startswith("_")
+    }
+    return values
+
+
+def final_observations(next_obs: np.ndarray, infos: dict) -> np.ndarray:
+    """The real next observation of every env: `final_obs` where an episode finished, else next_obs."""
+    finished = infos.get("_final_obs")
+    if finished is None or not finished.any():
+        return next_obs
+    real = next_obs.copy()
+    real[finished] = np.stack(infos["final_obs"][finished])
+    return real
+
+
+def find_failed_worker(envs: AsyncVectorEnv, exc: BaseException) -> int | None:
+    """The index of the worker behind `exc` raised by a vector env call, or None if not a worker fault.
+
+    A raise in a worker arrives rewrapped by gymnasium (an EnvWorkerError keeps its index, and
+    gymnasium drops the faulty worker's pipe); a dead worker shows up as EOFError (mid-step),
+    BrokenPipeError (between steps) or ConnectionResetError, and is found by its exit code.
+    """
+    if isinstance(exc, EnvWorkerError):
+        return exc.env_index
+    dropped = [i for i, pipe in enumerate(envs.parent_pipes) if pipe is None]
+    if dropped:
+        return dropped[0]
+    if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
+        deadline = time.monotonic() + DEAD_WORKER_POLL_S
+        while True:
+            dead = [i for i, p in enumerate(envs.processes) if p.exitcode is not None]
+            if dead or time.monotonic() > deadline:
+                return dead[0] if dead else None
+            time.sleep(0.005)
+    return None
+
+
+def close_vector_env(envs: AsyncVectorEnv, *, faulted: bool) -> None:
+    """Close the workers; after a worker fault or an abandoned step a plain close() hangs or raises."""
+    envs.close(terminate=faulted)
