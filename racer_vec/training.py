@@ -126,7 +126,7 @@ class Trainer:
         cfg = self.cfg
         # Probing one env validates the env config (unknown keys, ids) before any worker starts.
         probe = env_layer.make_env(cfg.env)
-        obs_dim = probe.observation_space.shape[0]
+        self.obs_dim = obs_dim = probe.observation_space.shape[0]
         probe.close()
 
         self.learner = make_learner(
@@ -206,7 +206,7 @@ class Trainer:
             obs, _ = self.envs.reset(seed=cfg.seed + c.env_steps)
             tick = time.perf_counter()
             while c.env_steps < cfg.max_steps and not self.interrupted:
-                obs = self._iteration(obs)
+                obs = self.iteration(obs)
                 now = time.perf_counter()
                 c.train_time += now - tick
                 c.wall_time += now - tick
@@ -240,7 +240,7 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
 
-    def _iteration(self, obs: np.ndarray) -> np.ndarray:
+    def iteration(self, obs: np.ndarray) -> np.ndarray:
         cfg, c = self.cfg, self.counters
         if c.env_steps >= cfg.start_training:
             actions, self.action_key = self._sample(self.agent, obs, self.action_key)

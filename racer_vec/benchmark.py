@@ -1,0 +1,261 @@
+"""Steps per second: env-only, learner-only and end-to-end training (SPEC 9).
+
+    python -m racer_vec.benchmark [PRESET] [--workers 1 2 4 8] [--seconds 20] [--output FILE]
+
+Everything is measured after warm-up and compilation. JAX is imported inside functions only: the
+env workers re-import this module as __mp_main__.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from typing import Annotated
+
+import numpy as np
+import tyro
+
+import configs
+from racer_vec.config import ACTION_DIM, ConfigError, TrainConfig, resolve
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkArgs:
+    preset: Annotated[str, tyro.conf.Positional] = configs.DEFAULT
+    """Preset to measure (its env, agent, batch size, utd and update schedule)."""
+    workers: tuple[int, ...] = (1, 2, 4, 8)
+    """Worker (vector env) counts to measure."""
+    seconds: float = 20.0
+    """Measuring time per configuration, after warm-up."""
+    warmup_seconds: float = 3.0
+    """Unmeasured time per configuration before measuring."""
+    sims: tuple[str, ...] = ("stock", "fast")
+    """Simulators for the env-only rates."""
+    end_to_end: bool = True
+    """Measure the training loop too (not only the env and the learner)."""
+    output: str = "benchmark.json"
+
+
+def machine_info() -> dict:
+    import jax
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    packages = ("jax", "jaxlib", "flax", "optax", "highway-env", "gymnasium", "numpy")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "packages": {p: metadata.version(p) for p in packages},
+    }
+
+
+def _timed_loop(step, warmup: float, seconds: float) -> tuple[int, float]:
+    """Call step() for warmup then for `seconds`; returns (calls, elapsed) of the measured part."""
+    end = time.perf_counter() + warmup
+    while time.perf_counter() < end:
+        step()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        calls += 1
+    return calls, time.perf_counter() - start
+
+
+def env_only(cfg: TrainConfig, workers: int, fast_sim: bool, warmup: float, seconds: float) -> float:
+    """Transitions/s of the AsyncVectorEnv with uniform random actions."""
+    from racer_vec import envs as env_layer
+
+    env_cfg = dataclasses.replace(cfg.env, fast_sim=fast_sim)
+    envs = env_layer.make_vector_env(env_cfg, workers, seed=0)
+    rng = np.random.default_rng(0)
+    try:
+        envs.reset(seed=0)
+        calls, elapsed = _timed_loop(
+            lambda: envs.step(rng.uniform(-1, 1, (workers, ACTION_DIM)).astype(np.float32)), warmup, seconds
+        )
+    finally:
+        env_layer.close_vector_env(envs, faulted=False)
+    return calls * workers / elapsed
+
+
+def _random_buffer(cfg: TrainConfig, obs_dim: int, size: int):
+    from racer_vec.replay import init_buffer, insert
+
+    rng = np.random.default_rng(0)
+    buffer = init_buffer(cfg.buffer_size, obs_dim, ACTION_DIM)
+    for start in range(0, size, 1000):
+        n = min(1000, size - start)
+        buffer = insert(
+            buffer,
+            rng.normal(size=(n, obs_dim)).astype(np.float32),
+            rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32),
+            rng.normal(size=n).astype(np.float32),
+            np.ones(n, np.float32),
+            rng.normal(size=(n, obs_dim)).astype(np.float32),
+        )
+    return buffer
+
+
+def learner_only(cfg: TrainConfig, warmup: float, seconds: float) -> dict:
+    """Agent and critic updates/s of the compiled iteration, with its compile time and GFLOP/s."""
+    import jax
+
+    from racer_vec.agent import create_agent, make_learner
+
+    obs_dim = cfg.env.observed_vehicles * 6
+    learner = make_learner(
+        cfg.agent, batch_size=cfg.batch_size, utd_ratio=cfg.utd_ratio, updates_per_iteration=cfg.updates_per_iteration
+    )
+    state = {"agent": create_agent(cfg.agent, obs_dim, cfg.env.observed_vehicles, 0)}
+    buffer = _random_buffer(cfg, obs_dim, max(cfg.batch_size * 4, 4096))
+    start = time.perf_counter()
+    state["agent"], metrics = learner.update(state["agent"], buffer)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+
+    def step():
+        state["agent"], m = learner.update(state["agent"], buffer)
+        jax.block_until_ready(m)
+
+    calls, elapsed = _timed_loop(step, warmup, seconds)
+    agent_updates = calls * cfg.updates_per_iteration / elapsed
+    result = {
+        "batch_size": cfg.batch_size,
+        "utd_ratio": cfg.utd_ratio,
+        "updates_per_iteration": cfg.updates_per_iteration,
+        "compile_seconds": compile_seconds,
+        "agent_updates_per_s": agent_updates,
+        "critic_updates_per_s": agent_updates * cfg.utd_ratio,
+        "ms_per_agent_update": 1000.0 / agent_updates,
+    }
+    flops = learner.flops_per_iteration(state["agent"], buffer) if hasattr(learner, "flops_per_iteration") else None
+    if flops:
+        result["gflop_per_s"] = flops * calls / elapsed / 1e9
+    return result
+
+
+def end_to_end(cfg: TrainConfig, warmup: float, seconds: float) -> dict:
+    """The real training loop, learning on, against its two halves measured in the same run."""
+    import jax
+
+    from racer_vec.training import Trainer
+
+    with tempfile.TemporaryDirectory() as runs_dir:
+        cfg = dataclasses.replace(
+            cfg,
+            runs_dir=runs_dir,
+            run_name="bench",
+            wandb_mode="disabled",
+            eval_interval=0,
+            start_training=0,
+            max_steps=10**12,
+        )
+        trainer = Trainer(cfg)
+        try:
+            trainer.setup()
+            trainer.buffer = _random_buffer(cfg, trainer.obs_dim, max(cfg.batch_size * 4, 4096))
+            trainer.counters.env_steps = cfg.batch_size * 4
+            state = {"obs": trainer.envs.reset(seed=0)[0]}
+
+            def train_step():
+                state["obs"] = trainer.iteration(state["obs"])
+
+            calls, elapsed = _timed_loop(train_step, warmup, seconds)
+            jax.block_until_ready(trainer.agent)
+            iteration = elapsed / calls
+
+            # Simulate-only: the same loop with the learner switched off.
+            trainer.counters.learning_starts = 10**15
+            calls, elapsed = _timed_loop(train_step, min(warmup, 1.0), seconds / 2)
+            simulate = elapsed / calls
+
+            def learn_step():
+                trainer.agent, m = trainer.learner.update(trainer.agent, trainer.buffer)
+                jax.block_until_ready(m)
+
+            calls, elapsed = _timed_loop(learn_step, min(warmup, 1.0), seconds / 2)
+            learn = elapsed / calls
+        finally:
+            trainer.close()
+    shared_cores = (os.cpu_count() or 1) < cfg.num_envs + 2
+    bound = simulate + learn if shared_cores else max(simulate, learn)
+    return {
+        "workers": cfg.num_envs,
+        "updates_per_iteration": cfg.updates_per_iteration,
+        "transitions_per_s": cfg.num_envs / iteration,
+        "iteration_ms": 1000 * iteration,
+        "simulate_ms": 1000 * simulate,
+        "learn_ms": 1000 * learn,
+        "bound": "simulate + learn (cores shared)" if shared_cores else "max(simulate, learn)",
+        "bound_transitions_per_s": cfg.num_envs / bound,
+        "bound_efficiency": bound / iteration,
+    }
+
+
+def run(args: BenchmarkArgs) -> dict:
+    if args.preset not in configs.PRESETS:
+        raise ConfigError(f"PRESET {args.preset!r} is not one of {', '.join(configs.PRESETS)}")
+    if not args.workers or min(args.workers) <= 0:
+        raise ConfigError(f"--workers must be positive counts, got {args.workers}")
+    base = configs.PRESETS[args.preset]
+    report = {"preset": args.preset, "machine": machine_info(), "seconds": args.seconds}
+
+    report["env_only"] = []
+    for sim in args.sims:
+        for n in args.workers:
+            rate = env_only(base, n, sim == "fast", args.warmup_seconds, args.seconds)
+            report["env_only"].append({"sim": sim, "workers": n, "transitions_per_s": rate})
+            print(f"env-only  {sim:5s} workers {n:2d}: {rate:8.1f} transitions/s", flush=True)
+
+    learner = learner_only(resolve(base), args.warmup_seconds, args.seconds)
+    report["learner"] = learner
+    print(
+        f"learner   batch {learner['batch_size']} utd {learner['utd_ratio']}: "
+        f"{learner['agent_updates_per_s']:.1f} agent updates/s, {learner['critic_updates_per_s']:.1f} critic updates/s, "
+        f"compile {learner['compile_seconds']:.1f} s",
+        flush=True,
+    )
+
+    report["end_to_end"] = []
+    if args.end_to_end:
+        for n in args.workers:
+            cfg = resolve(dataclasses.replace(base, num_envs=n))
+            row = end_to_end(cfg, args.warmup_seconds, args.seconds)
+            report["end_to_end"].append(row)
+            print(
+                f"end-to-end workers {n:2d}: {row['transitions_per_s']:7.1f} transitions/s "
+                f"(iteration {row['iteration_ms']:.1f} ms; simulate {row['simulate_ms']:.1f} + learn {row['learn_ms']:.1f} ms;"
+                f" {100 * row['bound_efficiency']:.0f}% of the bound {row['bound']})",
+                flush=True,
+            )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = tyro.cli(BenchmarkArgs, args=argv, description=__doc__.splitlines()[0])
+    try:
+        report = run(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny training run for every test that needs a run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# highway_fast with tiny networks, 2 workers and 4 s episodes (20 steps): cheap, many boundaries.
+TINY_ARGS = (
+    "highway_fast",
+    "--num-envs", "2",
+    "--env.duration", "4",
+    "--max-steps", "400",
+    "--start-training", "100",
+    "--batch-size", "32",
+    "--utd-ratio", "2",
+    "--buffer-size", "1000",
+    "--agent.hidden-dims", "32", "32",
+    "--agent.pointnet-dim", "16",
+    "--agent.num-atoms", "21",
+    "--log-interval", "100",
+    "--checkpoint-interval", "200",
+    "--keep-checkpoints", "5",
+    "--eval-interval", "200",
+    "--eval-episodes", "2",
+)
+
+
+def run_train(*args, timeout=300, **popen_kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen_kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished tiny run (wandb offline, buffer saved): runs/<name> with checkpoints at 200 and 400."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    result = run_train(
+        *TINY_ARGS, "--runs-dir", str(runs_dir), "--run-name", "tiny", "--save-buffer", "--wandb-mode", "offline",
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return runs_dir / "tiny"

@@ -1,0 +1,203 @@
+"""The driver end to end: run directory, resume, Ctrl-C, worker faults, episode boundaries."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import ROOT, TINY_ARGS, run_train
+from racer_vec.checkpoints import Checkpointer
+from racer_vec.config import TrainConfig, from_dict
+
+METRIC_KEYS = {
+    "env_steps", "updates", "sps", "critic_loss", "speed_ema", "collision_ema", "train_collisions_total",
+    "offroad_terminations_total", "episodes_total", "wall_time", "critic_utd", "buffer_size",
+}
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_writes_config_metrics_and_checkpoints(tiny_run):
+    cfg = from_dict(TrainConfig, json.loads((tiny_run / "config.json").read_text()))
+    assert cfg.preset == "highway_fast" and cfg.num_envs == 2 and cfg.updates_per_iteration == 1
+    rows = _metrics(tiny_run)
+    assert [r["env_steps"] for r in rows] == [100, 200, 300, 400]
+    for row in rows[1:]:
+        assert METRIC_KEYS <= row.keys(), METRIC_KEYS - row.keys()
+        assert np.isfinite(row["critic_loss"])
+    assert rows[0].get("critic_loss") is None  # no update before start_training
+    assert "episode_return_mean" in rows[-1] and rows[-1]["episodes_total"] >= 10
+    # one agent update per vector step once training started at 100 env steps (2 envs)
+    assert rows[-1]["updates"] == (400 - 100) // 2
+    assert rows[-1]["critic_utd"] == pytest.approx(2 * 1 / 2)
+    assert {"eval/mean_return", "eval/collision_rate", "eval/num_episodes"} <= rows[1].keys()
+    assert rows[1]["eval/num_episodes"] == 2
+    steps = sorted(int(p.name) for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [200, 400]
+    assert any((tiny_run / "wandb").glob("offline-run-*"))
+
+
+def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    before = _metrics(run_dir)[-1]
+    result = run_train("--resume", str(run_dir), "--max-steps", "500", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _metrics(run_dir)
+    after = rows[-1]
+    assert rows[-2] == before and after["env_steps"] == 500
+    assert after["updates"] == before["updates"] + 50  # buffer restored: no refill pause
+    assert after["episodes_total"] >= before["episodes_total"]
+    assert after["wall_time"] > before["wall_time"]
+
+    # The buffer restored on resume is the one saved at 400 steps, bit for bit.
+    from racer_vec.training import Trainer
+
+    cfg = dataclasses.replace(
+        from_dict(TrainConfig, json.loads((tiny_run / "config.json").read_text())),
+        resume=str(tiny_run), wandb_mode="disabled", eval_interval=0,
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        saved = Checkpointer(tiny_run / "checkpoints", keep=5)
+        _, state, buffer = saved.restore(400, trainer.agent, trainer.buffer)
+        assert state["counters"]["env_steps"] == trainer.counters.env_steps == 400
+        for name in ("observations", "actions", "rewards", "masks", "next_observations", "position", "size"):
+            np.testing.assert_array_equal(np.asarray(getattr(trainer.buffer, name)), np.asarray(getattr(buffer, name)))
+        assert int(trainer.buffer.size) == 400
+    finally:
+        trainer.close()
+
+
+def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "400" / "buffer")
+    before = _metrics(run_dir)[-1]
+    result = run_train("--resume", str(run_dir), "--max-steps", "560", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refilling" in result.stdout
+    after = _metrics(run_dir)[-1]
+    # 100 refill steps (start_training) without updates, then 60 steps = 30 vector steps of updates
+    assert after["updates"] == before["updates"] + 30
+
+
+def _session_processes(sid):
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    return found
+
+
+def _start_long_run(tmp_path, *extra):
+    args = list(TINY_ARGS)
+    args[args.index("--max-steps") + 1] = "100000"
+    args[args.index("--checkpoint-interval") + 1] = "100000"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "--runs-dir", str(tmp_path), "--run-name", "long",
+         "--eval-interval", "0", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    metrics = tmp_path / "long" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run did not start training in time"
+        time.sleep(0.5)
+    return proc
+
+
+def _wait_all_gone(sid, timeout=20.0):
+    deadline = time.time() + timeout
+    while _session_processes(sid) and time.time() < deadline:
+        time.sleep(0.2)
+    return _session_processes(sid)
+
+
+def test_sigint_to_process_group_checkpoints_and_leaves_nothing(tmp_path):
+    proc = _start_long_run(tmp_path, "--wandb-mode", "offline")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 130), err[-3000:]
+    assert "Traceback" not in err
+    assert _wait_all_gone(proc.pid) == []
+    ckpt = Checkpointer(tmp_path / "long" / "checkpoints", keep=5)
+    step = ckpt.latest_step()
+    assert step is not None and step > 100
+    state = json.loads((tmp_path / "long" / "checkpoints" / str(step) / "state" / "metadata").read_text())
+    assert state["counters"]["env_steps"] == step
+
+
+def _workers(driver_pid):
+    """The env worker processes: children of the driver's forkserver, oldest first."""
+    forkservers = [p for p in psutil.Process(driver_pid).children() if "forkserver" in " ".join(p.cmdline())]
+    workers = [c for fs in forkservers for c in fs.children()]
+    return sorted(workers, key=lambda p: p.create_time())
+
+
+def test_killed_worker_is_reported_by_index_and_nothing_hangs(tmp_path):
+    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled")
+    workers = _workers(proc.pid)
+    assert len(workers) == 2
+    workers[1].kill()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode not in (0, 130)
+    assert "env worker 1" in err, err[-3000:]
+    assert _wait_all_gone(proc.pid) == []
+    assert Checkpointer(tmp_path / "long" / "checkpoints", keep=5).latest_step() is not None
+
+
+def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
+    """Replay each worker's env in-process with the buffer's actions: every stored row must match."""
+    from conftest import TINY_ARGS as args
+    from racer_vec import envs as env_layer
+    from racer_vec.cli import parse_train_args
+    from racer_vec.training import Trainer
+
+    cfg = dataclasses.replace(
+        parse_train_args(list(args)), wandb_mode="disabled", eval_interval=0, runs_dir=str(tmp_path), run_name="boundaries",
+        start_training=40, max_steps=10**9,
+    )
+    steps = 45  # vector steps: 90 transitions, 4+ episodes per env at 20 steps each
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        obs, _ = trainer.envs.reset(seed=cfg.seed)
+        for _ in range(steps):
+            obs = trainer.iteration(obs)
+        stored = {k: np.asarray(getattr(trainer.buffer, k)) for k in ("observations", "actions", "masks", "next_observations")}
+    finally:
+        trainer.close()
+
+    n = cfg.num_envs
+    ends = 0
+    for i in range(n):
+        env = env_layer.make_env(cfg.env, seed=cfg.seed + i)
+        replica_obs, _ = env.reset(seed=cfg.seed + i)
+        for t in range(steps):
+            row = t * n + i
+            np.testing.assert_array_equal(stored["observations"][row], replica_obs)
+            next_obs, _, terminated, truncated, _ = env.step(stored["actions"][row])
+            np.testing.assert_array_equal(stored["next_observations"][row], next_obs)
+            assert stored["masks"][row] == (0.0 if terminated else 1.0)
+            replica_obs = next_obs
+            if terminated or truncated:
+                ends += 1
+                replica_obs, _ = env.reset()
+        env.close()
+    assert ends >= 4
