@@ -171,6 +171,20 @@ class TagErrors(gym.Wrapper):
             raise self._tagged(e) from e
 
 
+def simulator_id(env_cfg: EnvConfig) -> str:
+    """The env id to build: the fast simulator's twin of `env_id` unless --env.no-fast-sim."""
+    if not env_cfg.fast_sim:
+        return env_cfg.env_id
+    from racer_vec.fast_sim import FAST_SIM_IDS
+
+    if env_cfg.env_id not in FAST_SIM_IDS:
+        raise ConfigError(
+            f"--env.fast-sim: no fast simulator for {env_cfg.env_id} (it has one for "
+            f"{', '.join(FAST_SIM_IDS)}); use --env.no-fast-sim"
+        )
+    return FAST_SIM_IDS[env_cfg.env_id]
+
+
 def make_env(
     env_cfg: EnvConfig,
     *,
@@ -182,11 +196,10 @@ def make_env(
 
     With a seed, the env and its action space are seeded (the env is reset once with it).
     """
-    if env_cfg.fast_sim:
-        raise ConfigError("--env.fast-sim: no fast simulator is available in this build (use --env.no-fast-sim)")
     config = env_cfg.highway_config()
     _check_keys(config, _env_class(env_cfg.env_id).default_config(), "")
-    env = gym.make(env_cfg.env_id, config=config, render_mode=render_mode)
+    env_id = simulator_id(env_cfg)
+    env = gym.make(env_id, config=config, render_mode=render_mode)
     try:
         for section, component in (
             ("observation", env.unwrapped.observation_type),
@@ -231,7 +244,7 @@ def make_vector_env(
         # worker is then forked ready instead of importing gymnasium, pandas and highway-env anew
         # (~0.1 s instead of ~1.7 s per vector env on the 2-core machine). "__main__" is the default.
         multiprocessing.get_context("forkserver").set_forkserver_preload(
-            ["__main__", "racer_vec.envs", "highway_env"]
+            ["__main__", "racer_vec.envs", "highway_env", "racer_vec.fast_sim"]
         )
     env_fns = [
         functools.partial(_worker_env, env_cfg, seed + i, i, render_mode) for i in range(num_envs)

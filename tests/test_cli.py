@@ -106,3 +106,15 @@ def test_resume_refuses_changed_flags_and_other_presets(tmp_path):
 def test_config_json_round_trip():
     cfg = resolve(configs.PRESETS["highway_fast"])
     assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_fast_sim_is_default_and_no_fast_sim_swaps_back():
+    from racer_vec.envs import simulator_id
+
+    assert parse_train_args([]).env.fast_sim is True
+    stock = parse_train_args(["--env.no-fast-sim"]).env
+    assert stock.fast_sim is False and simulator_id(stock) == "highway_env:highway-v0"
+    assert simulator_id(parse_train_args([]).env) == "racer_vec.fast_sim:fast-highway-v0"
+    assert simulator_id(parse_train_args(["highway_fast"]).env) == "racer_vec.fast_sim:fast-highway-fast-v0"
+    with pytest.raises(ConfigError, match="--env.fast-sim"):
+        simulator_id(dataclasses.replace(stock, env_id="highway_env:merge-v0", fast_sim=True))
