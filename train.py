@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop took over SIGINT (during start-up): nothing to save yet.
+        print("interrupted during start-up", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

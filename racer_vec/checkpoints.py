@@ -40,6 +40,9 @@ class Checkpointer:
 
     def restore(self, step: int, agent_template, buffer_template=None):
         """(agent, state, buffer or None); templates give the expected shapes and dtypes."""
+        self._check_shapes(step, "agent", agent_template)
+        if buffer_template is not None:
+            self._check_shapes(step, "buffer", buffer_template)
         items = {
             "agent": ocp.args.StandardRestore(_abstract(agent_template)),
             "state": ocp.args.JsonRestore(),
@@ -54,8 +57,37 @@ class Checkpointer:
             ) from None
         return restored["agent"], restored["state"], restored.get("buffer") if buffer_template is not None else None
 
+    def _check_shapes(self, step: int, item: str, template) -> None:
+        """ConfigError unless the saved arrays have the template's names and shapes.
+
+        Checked from orbax's metadata before restoring: a restore that fails on a shape leaves
+        orbax's other pending reads to print "Event loop is closed" tracebacks at exit.
+        """
+        path = self.directory / str(step) / item
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns that step-level metadata is missing: not needed here
+        try:
+            saved = ocp.StandardCheckpointer().metadata(path).item_metadata
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path.parent}: unreadable checkpoint ({_first_line(exc)})") from None
+        finally:
+            absl.setLevel(level)
+        saved_shapes = {_dotted(p): tuple(m.shape) for p, m in jax.tree.leaves_with_path(saved.tree)}
+        wanted = {_dotted(p): tuple(x.shape) for p, x in jax.tree.leaves_with_path(template)}
+        for name in sorted(wanted.keys() | saved_shapes.keys()):
+            if wanted.get(name) != saved_shapes.get(name):
+                raise ConfigError(
+                    f"{path.parent}: checkpoint does not match this agent "
+                    f"({item}.{name}: saved {saved_shapes.get(name)}, expected {wanted.get(name)})"
+                )
+
     def close(self) -> None:
         self.manager.close()
+
+
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
 def _abstract(tree):
@@ -64,7 +96,7 @@ def _abstract(tree):
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return text[0] if text else type(exc).__name__
 
 
 def locate(path: str | Path) -> tuple[Path, int]:

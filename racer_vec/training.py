@@ -203,7 +203,7 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         display = ProgressDisplay(total=cfg.max_steps, start=c.env_steps)
         try:
-            obs, _ = self.envs.reset(seed=cfg.seed + c.env_steps)
+            obs, _ = self._guarded(self.envs.reset, seed=cfg.seed + c.env_steps)
             tick = time.perf_counter()
             while c.env_steps < cfg.max_steps and not self.interrupted:
                 obs = self.iteration(obs)
@@ -275,10 +275,10 @@ class Trainer:
         c.offroad_terminations_total += int(values["offroad_terminated"].sum())
         return next_obs
 
-    def _guarded(self, call, *args):
+    def _guarded(self, call, *args, **kwargs):
         """Run a vector-env call; a worker fault becomes TrainingStopped naming the env index."""
         try:
-            return call(*args)
+            return call(*args, **kwargs)
         except WORKER_FAULTS + (RuntimeError, ValueError) as exc:
             index = env_layer.find_failed_worker(self.envs, exc)
             env_layer.close_vector_env(self.envs, faulted=True)

@@ -3,11 +3,18 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The training subprocesses compile the same tiny learner: share XLA's persistent cache between them
+# (one per test session, so nothing carries over between sessions).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="racer-vec-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # highway_fast with tiny networks, 2 workers and 4 s episodes (20 steps): cheap, many boundaries.
 TINY_ARGS = (

@@ -104,9 +104,11 @@ def _session_processes(sid):
     return found
 
 
-def _start_long_run(tmp_path, *extra):
+def _start_long_run(tmp_path, *extra, learn=True):
     args = list(TINY_ARGS)
     args[args.index("--max-steps") + 1] = "100000"
+    if not learn:
+        args[args.index("--start-training") + 1] = "100000"
     args[args.index("--checkpoint-interval") + 1] = "100000"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args, "--runs-dir", str(tmp_path), "--run-name", "long",
@@ -151,7 +153,7 @@ def _workers(driver_pid):
 
 
 def test_killed_worker_is_reported_by_index_and_nothing_hangs(tmp_path):
-    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled")
+    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", learn=False)
     workers = _workers(proc.pid)
     assert len(workers) == 2
     workers[1].kill()

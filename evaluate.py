@@ -1,0 +1,34 @@
+"""Evaluate a trained RACER checkpoint, or a baseline policy, on highway-env (see --help).
+
+    python evaluate.py --checkpoint runs/<run>[/checkpoints[/<step>]] [--num-episodes 20] [--no-render]
+    python evaluate.py --policy zero --preset highway_fast
+"""
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Everything is imported inside main(): spawned env workers re-import this module as __mp_main__.
+    from racer_vec.video import configure_headless
+
+    # before pygame or any worker starts: workers inherit the environment
+    configure_headless()
+
+    import tyro
+
+    from racer_vec.config import ConfigError
+    from racer_vec.evaluation import EvalArgs, run_evaluation
+
+    args = tyro.cli(EvalArgs, args=argv)
+    try:
+        return run_evaluation(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Actor and critic networks as pure functions of explicit parameter pytrees (SPEC 4.1, 4.2).
+
+Parameters are plain nested dicts of arrays, so an ensemble is just parameters stacked on a
+leading axis and evaluated with `jax.vmap`, and the architecture is read back from the pytree
+(a "pointnet" entry, a "norm" entry per critic layer): the apply functions need no config.
+
+The agent stores each network's parameters as one flat vector (see `Layout`): optimizer steps,
+Polyak averaging and finiteness checks are then a handful of XLA kernels instead of several per
+parameter array, which is most of what makes the compiled update quick to compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from racer_vec.config import ACTION_DIM, STEERING, AgentConfig
+
+VEHICLE_FEATURES = 6
+"""One Kinematics row: presence, x, y, vx, vy, heading."""
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+# He initialization for the ReLU layers. Heads start near zero: the initial policy is N(0, 1) before
+# the squash and the initial critic distributions are close to uniform, so no action looks better
+# before any data is seen. (No orthogonal init: jaxlib 0.10.2's CPU QR kernel can deadlock when
+# several run at once on a 2-thread pool.)
+HIDDEN_INIT_SCALE = 2.0
+HEAD_INIT_SCALE = 1e-4
+
+Params = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a flat parameter vector maps onto a network's nested parameters (static and hashable)."""
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, params: Params, batch_dims: int = 0) -> Layout:
+        leaves, treedef = jax.tree.flatten(params)
+        return cls(treedef, tuple(leaf.shape[batch_dims:] for leaf in leaves))
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    def ravel(self, params: Params, batch_dims: int = 0):
+        """Nested parameters -> flat (*batch, size); `batch_dims` leading axes (ensemble members) are kept."""
+        leaves = jax.tree.leaves(params)
+        return jnp.concatenate([leaf.reshape(leaf.shape[:batch_dims] + (-1,)) for leaf in leaves], axis=-1)
+
+    def unravel(self, flat) -> Params:
+        """Flat (*batch, size) -> nested parameters whose leaves keep the leading batch axes."""
+        return _unravel(self, flat)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _unravel(layout: Layout, flat) -> Params:
+    batch = flat.shape[:-1]
+    leaves, offset = [], 0
+    for shape in layout.shapes:
+        size = math.prod(shape)
+        leaves.append(flat[..., offset : offset + size].reshape(batch + shape))
+        offset += size
+    return jax.tree.unflatten(layout.treedef, leaves)
+
+
+def _unravel_fwd(layout: Layout, flat):
+    return _unravel(layout, flat), None
+
+
+def _unravel_bwd(layout: Layout, _, cotangent):
+    # one concatenation; autodiff's own transpose of the slices is a sum of full-size pads
+    first = jax.tree.leaves(cotangent)[0]
+    return (layout.ravel(cotangent, batch_dims=first.ndim - len(layout.shapes[0])),)
+
+
+_unravel.defvjp(_unravel_fwd, _unravel_bwd)
+
+
+def _dense_init(key, fan_in: int, fan_out: int, scale: float) -> Params:
+    """`scale` multiplies the kernel's variance 1 / fan_in."""
+    kernel = jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")(key, (fan_in, fan_out), jnp.float32)
+    return {"kernel": kernel, "bias": jnp.zeros((fan_out,), jnp.float32)}
+
+
+def _dense(p: Params, x):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _norm_init(dim: int) -> Params:
+    return {"scale": jnp.ones((dim,), jnp.float32), "bias": jnp.zeros((dim,), jnp.float32)}
+
+
+def _layer_norm(p: Params, x, eps: float = 1e-6):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+# ---------------------------------------------------------------------------------------------
+# PointNet encoder (SPEC 4.2)
+
+
+def _pointnet_init(key, dim: int) -> Params:
+    return {"dense": _dense_init(key, VEHICLE_FEATURES, dim, HIDDEN_INIT_SCALE), "norm": _norm_init(dim)}
+
+
+def pointnet_pool(p: Params, others):
+    """Max-pool of Dense+LayerNorm+ReLU over the other vehicles' rows `others (..., V-1, 6)`.
+
+    ReLU outputs are >= 0, so zeroing the absent rows before the max equals masking them out of it,
+    and the pool is exactly 0 (not -inf) when no other vehicle is present. The rows of all
+    vehicles and samples go through the shared layer as one tall matrix.
+    """
+    h = jax.nn.relu(_layer_norm(p["norm"], _dense(p["dense"], others)))
+    present = others[..., :1] > 0.5
+    return jnp.max(jnp.where(present, h, 0.0), axis=-2)
+
+
+def encode(params: Params, obs):
+    """State features: the observation itself, or for PointNet `[ego row, pooled others]`."""
+    if "pointnet" not in params:
+        return obs
+    rows = obs.reshape(obs.shape[:-1] + (-1, VEHICLE_FEATURES))
+    return jnp.concatenate([rows[..., 0, :], pointnet_pool(params["pointnet"], rows[..., 1:, :])], axis=-1)
+
+
+def _encoder_init(key, cfg: AgentConfig, obs_dim: int) -> tuple[Params, int]:
+    if cfg.encoder == "pointnet":
+        if obs_dim % VEHICLE_FEATURES:
+            raise ValueError(f"PointNet needs rows of {VEHICLE_FEATURES} features, got obs_dim {obs_dim}")
+        return {"pointnet": _pointnet_init(key, cfg.pointnet_dim)}, VEHICLE_FEATURES + cfg.pointnet_dim
+    return {}, obs_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Actor (SPEC 4.1)
+
+
+def actor_init(key, cfg: AgentConfig, obs_dim: int) -> Params:
+    k_enc, k_head, *k_hidden = jax.random.split(key, 2 + len(cfg.hidden_dims))
+    params, width = _encoder_init(k_enc, cfg, obs_dim)
+    hidden = []
+    for k, dim in zip(k_hidden, cfg.hidden_dims):
+        hidden.append(_dense_init(k, width, dim, HIDDEN_INIT_SCALE))
+        width = dim
+    params["hidden"] = hidden
+    params["head"] = _dense_init(k_head, width, 2 * ACTION_DIM, HEAD_INIT_SCALE)
+    return params
+
+
+def actor_apply(params: Params, obs):
+    """obs (..., D) -> Gaussian mean and log-std (..., ACTION_DIM) of the pre-squash action u."""
+    h = encode(params, obs)
+    for layer in params["hidden"]:
+        h = jax.nn.relu(_dense(layer, h))
+    mean, log_std = jnp.split(_dense(params["head"], h), 2, axis=-1)
+    return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
+
+
+def action_scale(limit):
+    """Half-widths of the symmetric action box: 1 for acceleration, the limit h for steering."""
+    return jnp.ones((ACTION_DIM,), jnp.float32).at[STEERING].set(limit)
+
+
+def squash(u, limit):
+    """a = scale * tanh(u): the env's [-1, 1] box intersected with the learned limit [-h, h]."""
+    return action_scale(limit) * jnp.tanh(u)
+
+
+def squashed_log_prob(noise, u, log_std, limit):
+    """log pi(a) for a = scale * tanh(u), u = mean + exp(log_std) * noise, summed over action dims.
+
+    Change of variables: log N(u) - sum log(1 - tanh(u)^2) - sum log(scale); the standardized
+    noise is passed in so the Gaussian term needs no division by a tiny std.
+    """
+    gaussian = -0.5 * jnp.square(noise) - log_std - 0.5 * math.log(2.0 * math.pi)
+    log_tanh_jacobian = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
+    return jnp.sum(gaussian - log_tanh_jacobian - jnp.log(action_scale(limit)), axis=-1)
+
+
+def sample_policy(mean, log_std, limit, noise):
+    """Reparameterized squashed sample: returns (actions, log_probs, pre-squash u)."""
+    u = mean + jnp.exp(log_std) * noise
+    return squash(u, limit), squashed_log_prob(noise, u, log_std, limit), u
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic ensemble (SPEC 4.2)
+
+
+def critic_init(key, cfg: AgentConfig, obs_dim: int) -> Params:
+    """One ensemble member; `ensemble_init` stacks `num_qs` of them."""
+    k_enc, k_head, *k_hidden = jax.random.split(key, 2 + len(cfg.hidden_dims))
+    params, width = _encoder_init(k_enc, cfg, obs_dim)
+    width += ACTION_DIM
+    hidden = []
+    for k, dim in zip(k_hidden, cfg.hidden_dims):
+        layer = {"dense": _dense_init(k, width, dim, HIDDEN_INIT_SCALE)}
+        if cfg.critic_layer_norm:
+            layer["norm"] = _norm_init(dim)
+        hidden.append(layer)
+        width = dim
+    params["hidden"] = hidden
+    params["head"] = _dense_init(k_head, width, cfg.num_atoms, HEAD_INIT_SCALE)
+    return params
+
+
+def ensemble_init(key, cfg: AgentConfig, obs_dim: int) -> Params:
+    return jax.vmap(lambda k: critic_init(k, cfg, obs_dim))(jax.random.split(key, cfg.num_qs))
+
+
+def critic_apply(params: Params, obs, actions):
+    """One member: obs (N, D), actions (..., N, A) -> logits (..., N, K).
+
+    Several action sets for the same states (data and out-of-distribution actions) share the state
+    encoding and the state half of the first layer, `concat(s, a) @ W = s @ W_s + a @ W_a`, and
+    then run through the rest of the network as one taller matrix.
+    """
+    state = encode(params, obs)
+    first = params["hidden"][0]["dense"]
+    width = state.shape[-1]
+    h = (state @ first["kernel"][:width] + first["bias"]) + actions @ first["kernel"][width:]
+    for i, layer in enumerate(params["hidden"]):
+        if i:
+            h = _dense(layer["dense"], h)
+        if "norm" in layer:
+            h = _layer_norm(layer["norm"], h)
+        h = jax.nn.relu(h)
+    return _dense(params["head"], h)
+
+
+def ensemble_apply(params: Params, obs, actions):
+    """All members at once (vmap over the stacked parameters): logits (num_qs, ..., N, K)."""
+    return jax.vmap(critic_apply, in_axes=(0, None, None))(params, obs, actions)

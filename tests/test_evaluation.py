@@ -1,0 +1,255 @@
+"""evaluate.py (SPEC 7): metrics with known answers, the printed block, worker-count invariance,
+videos, checkpoints end to end, and bad input."""
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+import configs
+from racer_vec.config import RewardParams
+from racer_vec.evaluation import EpisodeAccumulator, EpisodeRecord, Evaluator, format_summary, summarize
+from racer_vec.video import PANEL_HEIGHT
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402  (the entry point lives at the repo root)
+
+FRAME_SHAPE = (150 + PANEL_HEIGHT, 600, 3)  # highway-env's default 600x150 view under the panel
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = evaluate.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def episodes_of(output_dir: Path) -> list[dict]:
+    report = json.loads((output_dir / "evaluation_metrics.json").read_text())
+    return [{k: v for k, v in e.items() if k != "video"} for e in report["episodes"]]
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def step_values(offroad, nearest, forward_speed, crashed=(False, False)):
+    return {
+        "offroad": np.array(offroad),
+        "nearest_distance": np.array(nearest, dtype=float),
+        "forward_speed": np.array(forward_speed, dtype=float),
+        "crashed": np.array(crashed),
+    }
+
+
+def test_accumulated_episode_metrics():
+    acc = EpisodeAccumulator(2)
+    steps = [
+        # env rewards, training rewards, collision risk, offroad, nearest distance, forward speed
+        ((1.0, 0.0), (0.9, 0.1), (-0.6, -0.5), (False, False), (5.0, math.inf), (20.0, 10.0)),
+        ((0.5, 0.0), (0.4, 0.1), (-0.4, -0.5), (False, False), (math.inf, math.inf), (22.0, 10.0)),
+        ((0.25, 0.0), (0.2, 0.1), (0.0, -0.5), (True, False), (7.0, math.inf), (24.0, 10.0)),
+    ]
+    for env_r, train_r, risk, offroad, nearest, speed in steps:
+        rewards = {"training_reward": np.array(train_r), "collision_risk": np.array(risk)}
+        acc.add(np.array(env_r), step_values(offroad, nearest, speed), rewards)
+
+    first = acc.record(0, episode=3, seed=13, crashed=False, offroad_terminated=True)
+    assert first.length == 3 and (first.episode, first.seed) == (3, 13)
+    assert first.episode_return == pytest.approx(1.75)
+    assert first.training_return == pytest.approx(1.5)
+    # risk < -0.5 at step 0, offroad at step 2
+    assert first.safety_violation_rate == pytest.approx(2 / 3)
+    # the step without a vehicle is skipped, not counted as 0 or inf
+    assert first.min_distance == pytest.approx(6.0)
+    assert first.ego_speed == pytest.approx(22.0)
+
+    second = acc.record(1, episode=4, seed=14, crashed=True, offroad_terminated=False)
+    assert second.safety_violation_rate == 0.0  # -0.5 is not below the threshold
+    assert second.min_distance is None
+    assert second.training_return == pytest.approx(0.3)
+
+    acc.reset(np.array([True, False]))
+    assert acc.length.tolist() == [0, 3] and acc.env_return[0] == 0.0 and acc.distance_steps.tolist() == [0, 0]
+
+
+def record(k, ret, length, crashed=False, offroad=False, violations=0.0, distance=None, speed=20.0):
+    return EpisodeRecord(k, k, ret, ret - 1.0, length, crashed, offroad, violations, distance, speed)
+
+
+def test_summary_of_known_episodes():
+    episodes = [
+        record(0, 1.0, 10, crashed=True, violations=0.5, distance=4.0, speed=10.0),
+        record(1, 2.0, 20, offroad=True, violations=0.25, speed=20.0),
+        record(2, 3.0, 30, distance=6.0, speed=30.0),
+        record(3, 6.0, 40, distance=8.0, speed=40.0),
+    ]
+    s = summarize(episodes)
+    assert s["num_episodes"] == 4
+    assert s["mean_return"] == pytest.approx(3.0) and s["std_return"] == pytest.approx(math.sqrt(3.5))
+    assert s["mean_length"] == 25.0 and s["std_length"] == pytest.approx(math.sqrt(125.0))
+    # success excludes both the crash and the offroad termination
+    assert s["success_rate"] == 0.5
+    assert s["collision_rate"] == 0.25 and s["offroad_episode_rate"] == 0.25
+    assert s["mean_safety_violation_rate"] == pytest.approx(0.1875)
+    assert s["mean_min_distance"] == pytest.approx(6.0)  # the episode without a vehicle is skipped
+    assert s["mean_ego_speed"] == pytest.approx(25.0)
+    assert s["mean_training_return"] == pytest.approx(2.0)
+    assert set(episodes[0].to_json()) >= {
+        "seed", "return", "training_return", "length", "crashed", "offroad_terminated",
+        "safety_violation_rate", "min_distance", "ego_speed",
+    }
+
+
+def test_printed_block_is_the_spec_format():
+    summary = {
+        "num_episodes": 20, "mean_return": 24.567, "std_return": 8.234, "mean_length": 187.3,
+        "std_length": 45.2, "success_rate": 0.85, "collision_rate": 0.15,
+        "mean_safety_violation_rate": 0.123, "mean_min_distance": 8.45, "mean_ego_speed": 22.1,
+    }
+    assert format_summary(summary) == "\n".join([
+        "=" * 50,
+        "HIGHWAY POLICY EVALUATION RESULTS",
+        "=" * 50,
+        "Episodes: 20",
+        "Mean Return: 24.567 ± 8.234",
+        "Mean Length: 187.3 ± 45.2",
+        "Success Rate: 85.0%",
+        "Collision Rate: 15.0%",
+        "Mean Safety Violation Rate: 12.3%",
+        "Mean Min Distance: 8.45m",
+        "Mean Ego Speed: 22.1 m/s",
+    ])
+
+
+# ------------------------------------------------------------------ baselines on the real env
+
+BASELINE = ("--policy", "random", "--preset", "highway_fast", "--duration", "2", "--num-episodes", "4", "--seed", "7")
+
+
+def test_baseline_with_1_and_3_workers_videos_and_json(tmp_path, capsys):
+    filmed, plain = tmp_path / "filmed", tmp_path / "plain"
+    code, out, _ = run_cli(capsys, *BASELINE, "--num-workers", 1, "--max-videos", 2, "--output-dir", filmed)
+    assert code == 0
+    assert run_cli(capsys, *BASELINE, "--num-workers", 3, "--no-render", "--output-dir", plain)[0] == 0
+
+    # the same episodes whatever the worker count, and filming does not change them
+    episodes = episodes_of(filmed)
+    assert episodes == episodes_of(plain)
+    assert [e["seed"] for e in episodes] == [7, 8, 9, 10]
+    # random actions really differ between episodes (each has its own key)
+    assert len({round(e["return"], 9) for e in episodes}) > 1
+
+    report = json.loads((filmed / "evaluation_metrics.json").read_text())
+    assert set(report) >= {"summary", "episodes", "config"}
+    assert report["config"]["train"]["env"]["duration"] == 2
+    summary = report["summary"]
+    assert format_summary(summary) in out
+    printed = re.search(r"Mean Return: (\S+) ± (\S+)", out)
+    assert float(printed[1]) == pytest.approx(summary["mean_return"], abs=5e-4)
+    assert float(printed[2]) == pytest.approx(summary["std_return"], abs=5e-4)
+    assert float(re.search(r"Success Rate: (\S+)%", out)[1]) == pytest.approx(100 * summary["success_rate"], abs=0.05)
+
+    videos = sorted(filmed.glob("*.mp4"))
+    assert [v.name for v in videos] == [f"highway_eval_random_highway_fast_episode_{i}.mp4" for i in (0, 1)]
+    assert not list(plain.glob("*.mp4"))
+    for i, video in enumerate(videos):
+        frames = list(imageio.get_reader(video).iter_data())
+        assert len(frames) == report["episodes"][i]["length"] + 1  # the initial frame, then one per step
+        assert frames[0].shape == FRAME_SHAPE
+        assert frames[-1][PANEL_HEIGHT:].std() > 5  # the road was drawn (a "dummy" SDL driver gives black)
+
+
+def test_evaluator_reused_between_evaluations():
+    """The training driver keeps one Evaluator and calls evaluate() at every eval interval."""
+    cfg = configs.PRESETS["highway_fast"]
+    env = dataclasses.replace(cfg.env, duration=1)
+    evaluator = Evaluator(env, RewardParams.build(cfg.reward, env), num_workers=2)
+    try:
+        straight = lambda obs: np.tile(np.float32([0.2, 0.0]), (obs.shape[0], 1))  # noqa: E731
+        first = evaluator.evaluate(straight, num_episodes=3, seed=100)
+        assert first == evaluator.evaluate(straight, num_episodes=3, seed=100)
+        assert first["num_episodes"] == 3 and first["mean_length"] == 5.0
+        assert first != evaluator.evaluate(straight, num_episodes=3, seed=200)
+    finally:
+        evaluator.close()
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_end_to_end(tiny_run, tmp_path, capsys):
+    latest = tiny_run / "checkpoints" / "400"
+    common = ("--num-episodes", 3)
+    code, out, _ = run_cli(capsys, "--checkpoint", tiny_run, *common, "--num-workers", 3, "--no-render",
+                           "--output-dir", tmp_path / "a")
+    assert code == 0, out
+    report = json.loads((tmp_path / "a" / "evaluation_metrics.json").read_text())
+    assert report["config"]["checkpoint"]["step"] == 400
+    assert report["config"]["train"]["agent"]["hidden_dims"] == [32, 32]
+    assert format_summary(report["summary"]) in out
+
+    # a step directory, one worker, filming: the same sampled episodes
+    code, _, _ = run_cli(capsys, "--checkpoint", latest, *common, "--num-workers", 1, "--max-videos", 1,
+                         "--output-dir", tmp_path / "b")
+    assert code == 0
+    assert episodes_of(tmp_path / "a") == episodes_of(tmp_path / "b")
+    (video,) = (tmp_path / "b").glob("*.mp4")
+    assert video.name == "highway_eval_tiny_400_episode_0.mp4"
+
+    code, _, _ = run_cli(capsys, "--checkpoint", tiny_run / "checkpoints" / "200", "--deterministic",
+                         "--num-episodes", 2, "--no-render", "--output-dir", tmp_path / "c")
+    assert code == 0
+    report = json.loads((tmp_path / "c" / "evaluation_metrics.json").read_text())
+    assert report["config"]["checkpoint"]["step"] == 200 and report["config"]["evaluation"]["deterministic"]
+
+
+def test_incompatible_checkpoint_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
+    copy = tmp_path / "run" / "checkpoints"
+    shutil.copytree(tiny_run / "checkpoints" / "200", copy / "200")
+    state_file = copy / "200" / "state" / "metadata"
+    state = json.loads(state_file.read_text())
+    state["config"]["agent"]["hidden_dims"] = [64, 64]  # the saved arrays are 32 wide
+    state_file.write_text(json.dumps(state))
+    code, _, err = run_cli(capsys, "--checkpoint", copy, "--no-render")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "does not match" in err
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--checkpoint", "{tmp}/nowhere"), "no such file"),
+        (("--checkpoint", "{tmp}"), "no checkpoints"),
+        (("--checkpoint", "{tmp}/file.txt"), "not a directory"),
+        (("--policy", "zero"), "--preset"),
+        ((), "--checkpoint"),
+        (("--policy", "zero", "--preset", "highway_fast", "--num-episodes", "0"), "--num-episodes"),
+        (("--policy", "constant", "--preset", "highway_fast", "--constant-action", "2", "0"), "--constant-action"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    (tmp_path / "file.txt").write_text("")
+    code, _, err = run_cli(capsys, *(a.format(tmp=tmp_path) for a in args))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("error: ")
+
+
+def test_entry_point_runs_as_a_script_without_jax_at_import():
+    # workers re-import the entry module and evaluation's modules: no JAX there (SPEC 2)
+    check = "import sys, evaluate, racer_vec.evaluation, racer_vec.video; assert 'jax' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--policy", "random"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
