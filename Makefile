@@ -18,3 +18,7 @@ test: $(STAMP)
 # Train the default preset; extra flags via ARGS, e.g. make train ARGS="highway_fast --num-envs 8".
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
+
+# Steps per second (env-only, learner-only, end-to-end); e.g. make bench ARGS="highway_fast --workers 1 2 4 8".
+bench: $(STAMP)
+	$(PY) -m racer_vec.benchmark $(ARGS)
