@@ -28,8 +28,14 @@ from racer_vec.distributional import categorical_l2_project, cvar
 
 LIMIT_MIN = 1e-3
 """Lower end of the learned steering limit h, which must stay in (0, 1]."""
+METRICS = (
+    "critic_loss", "actor_loss", "limit_loss", "temperature_loss", "lagrange_loss", "cross_entropy",
+    "entropy_data", "entropy_ood", "entropy_gap", "entropy", "cvar", "q_mean", "temperature", "limit", "lagrange",
+)  # fmt: skip
+"""Scalar float32 metrics of an iteration (its last agent update), plus the bool `finite`."""
 RNG_IMPL = "unsafe_rbg"
-"""PRNG of the updates (XLA's RngBitGenerator); acting uses whatever keys the caller passes."""
+"""PRNG of initialization and updates: XLA's RngBitGenerator, which compiles to a single op where
+threefry adds loops and kernels (and seconds of compile time). Acting uses the caller's keys."""
 
 
 @flax.struct.dataclass
@@ -50,7 +56,7 @@ class RacerAgent:
     temperature: TrainState  # params: log alpha
     limit: TrainState  # params: steering limit h
     lagrange: TrainState  # params: log lambda
-    key: jax.Array  # uint32[4]: data of the "unsafe_rbg" key the updates draw from
+    key: jax.Array  # uint32[4]: data of the RNG_IMPL key the updates draw from
     updates: jax.Array  # int32: agent updates done
     actor_layout: networks.Layout = flax.struct.field(pytree_node=False)
     critic_layout: networks.Layout = flax.struct.field(pytree_node=False)
@@ -92,13 +98,22 @@ def create_agent(cfg: AgentConfig, obs_dim: int, observed_vehicles: int, seed) -
             f"PointNet expects obs_dim = {networks.VEHICLE_FEATURES} * observed_vehicles "
             f"({observed_vehicles}), got {obs_dim}"
         )
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-    # Built inside jit so that every leaf is its own buffer (the agent is donated to the update).
-    build = jax.jit(functools.partial(_build_agent, cfg, obs_dim), out_shardings=replay.replicated_sharding())
-    return build(key)
+    if isinstance(seed, (int, np.integer)):
+        key_data = jax.random.key_data(jax.random.key(int(seed), impl=RNG_IMPL))
+    else:
+        key_data = jax.random.bits(seed, (4,), jnp.uint32)
+    return _agent_builder(cfg, obs_dim)(key_data)
 
 
-def _build_agent(cfg: AgentConfig, obs_dim: int, key) -> RacerAgent:
+@functools.cache
+def _agent_builder(cfg: AgentConfig, obs_dim: int):
+    # Built inside jit so that every leaf is its own buffer (the agent is donated to the update),
+    # and compiled once per architecture.
+    return jax.jit(functools.partial(_build_agent, cfg, obs_dim), out_shardings=replay.replicated_sharding())
+
+
+def _build_agent(cfg: AgentConfig, obs_dim: int, key_data) -> RacerAgent:
+    key = jax.random.wrap_key_data(key_data, impl=RNG_IMPL)
     k_actor, k_critic, k_updates = jax.random.split(key, 3)
     opt = make_optimizers(cfg)
 
@@ -118,8 +133,7 @@ def _build_agent(cfg: AgentConfig, obs_dim: int, key) -> RacerAgent:
         temperature=state(opt.temperature, scalar(np.log(cfg.init_temperature))),
         limit=state(opt.limit, scalar(cfg.init_limit if cfg.learned_limit else 1.0)),
         lagrange=state(opt.lagrange, scalar(np.log(cfg.q_entropy_lagrange_init))),
-        # updates draw from XLA's RngBitGenerator: threefry would add loops and kernels to the update
-        key=jax.random.bits(k_updates, (4,), jnp.uint32),
+        key=jax.random.key_data(k_updates),
         updates=jnp.zeros((), jnp.int32),
         actor_layout=actor_layout,
         critic_layout=critic_layout,
@@ -161,11 +175,13 @@ class Learner:
     num_devices: int
 
 
+@functools.cache
 def make_learner(cfg: AgentConfig, *, batch_size: int, utd_ratio: int, updates_per_iteration: int) -> Learner:
     """The training iteration for a resolved agent config (cvar_limits and target_entropy set).
 
     With several JAX devices each critic minibatch and the actor's batch are split across them and
     gradients are averaged (SPEC 4.8); the agent and buffer stay ordinary replicated pytrees.
+    Memoized: the same arguments give the same Learner, so its compiled update is reused.
     """
     if cfg.cvar_limits is None or cfg.target_entropy is None:
         raise ValueError("make_learner needs a resolved AgentConfig (see racer_vec.config.resolve)")
@@ -174,11 +190,15 @@ def make_learner(cfg: AgentConfig, *, batch_size: int, utd_ratio: int, updates_p
         raise ConfigError(f"--batch-size ({batch_size}) must be divisible by the number of JAX devices ({num_devices})")
     iteration = _make_iteration(cfg, batch_size, utd_ratio, updates_per_iteration, num_devices)
     if num_devices > 1:
+        # pmap semantics: each device differentiates its own share of the batch and the update
+        # averages explicitly with pmean. (With check_vma, autodiff would already psum gradients
+        # w.r.t. the replicated parameters, and the pmean on top would double them.)
         iteration = jax.shard_map(
             iteration,
             mesh=replay.data_mesh(),
             in_specs=(PartitionSpec(), PartitionSpec()),
             out_specs=(PartitionSpec(), PartitionSpec()),
+            check_vma=False,
         )
     return Learner(
         update=jax.jit(iteration, donate_argnums=0),
@@ -211,7 +231,7 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
     def agent_update(agent: RacerAgent, buffer: replay.ReplayBuffer):
         actor_layout, critic_layout = agent.actor_layout, agent.critic_layout
         key = jax.random.wrap_key_data(agent.key, impl=RNG_IMPL)
-        key, k_batch, k_critic_noise, k_actor_noise = jax.random.split(key, 4)
+        key, k_batch, k_noise = jax.random.split(key, 3)
         alpha = jnp.exp(agent.temperature.params)
         lagrange = jnp.exp(agent.lagrange.params)
         limit = agent.limit.params
@@ -253,12 +273,16 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
 
         indices = local(replay.sample_indices(buffer, k_batch, (utd_ratio, batch_size)), axis=1)
         batches = replay.gather(buffer, indices)  # fields (U, B, ...)
-        noise = local(jax.random.normal(k_critic_noise, (2, utd_ratio, batch_size, ACTION_DIM)), axis=2)
+        # standard normal noise for the next actions, the OOD actions (U minibatches each) and the
+        # actor's own step, drawn at once: (2U + 1, B, A)
+        noise = local(jax.random.normal(k_noise, (2 * utd_ratio + 1, batch_size, ACTION_DIM)), axis=1)
+        noise, actor_noise = noise[:-1].reshape(2, utd_ratio, -1, ACTION_DIM), noise[-1]
 
         # The actor is fixed during the critic steps, so its actions at s' (targets) and at s (OOD)
         # for all U minibatches come from one tall forward pass: (2, U, B, A).
+        actor_params = agent.actor_params()
         mean, log_std = networks.actor_apply(
-            agent.actor_params(), jnp.stack([batches.next_observations, batches.observations])
+            actor_params, jnp.stack([batches.next_observations, batches.observations])
         )
         next_actions, next_log_probs, _ = networks.sample_policy(mean[0], log_std[0], limit, noise[0])
         ood_actions = mean[1] + jnp.exp(log_std[1]) * noise[1]  # the unsquashed Gaussian
@@ -272,30 +296,36 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
         # ---- actor and limit (SPEC 4.5, 4.6), on the last critic minibatch --------------------
 
         obs = batches.observations[-1]
-        actor_noise = local(jax.random.normal(k_actor_noise, (batch_size, ACTION_DIM)), axis=0)
 
         def policy(actor_params, limit):
-            mean, log_std = networks.actor_apply(actor_layout.unravel(actor_params), obs)
+            mean, log_std = networks.actor_apply(actor_params, obs)
             actions, log_probs, _ = networks.sample_policy(mean, log_std, limit, actor_noise)
             mixture = jnp.mean(jax.nn.softmax(ensemble(critic.params, obs, actions)), axis=0)  # (B, K)
             return log_probs, mixture
 
         def policy_objective(risk, log_probs, mixture):
-            return jnp.mean(alpha * log_probs - cvar(mixture, atoms, risk))
+            values = cvar(mixture, atoms, risk)
+            return jnp.mean(alpha * log_probs - values), values
 
-        (log_probs, mixture), policy_vjp = jax.vjp(policy, agent.actor.params, limit)
-        actor_loss, cotangent = jax.value_and_grad(
-            functools.partial(policy_objective, cfg.cvar_risk), argnums=(0, 1)
+        (log_probs, mixture), policy_vjp = jax.vjp(policy, actor_params, limit)
+        (actor_loss, cvars), cotangent = jax.value_and_grad(
+            functools.partial(policy_objective, cfg.cvar_risk), argnums=(0, 1), has_aux=True
         )(log_probs, mixture)
-        actor = apply_step(opt.actor, agent.actor, pmean(policy_vjp(cotangent)[0]))
+        actor_grad, limit_grad = policy_vjp(cotangent)
+        # differentiated w.r.t. the nested parameters, which the tall pass already sliced out of
+        # the flat vector; one concatenation brings the gradient back to it
+        actor = apply_step(opt.actor, agent.actor, pmean(actor_layout.ravel(actor_grad)))
 
         limit_state, limit_loss = agent.limit, actor_loss
         if cfg.learned_limit:
-            # the actor's loss at the limit's own risk level, differentiated w.r.t. h only
-            limit_loss, cotangent = jax.value_and_grad(
-                functools.partial(policy_objective, cfg.cvar_limits), argnums=(0, 1)
-            )(log_probs, mixture)
-            limit_state = apply_step(opt.limit, limit_state, pmean(policy_vjp(cotangent)[1]))
+            # the actor's loss at the limit's own risk level, differentiated w.r.t. h only (the
+            # same loss, and the same backward pass, when cvar_limits follows cvar_risk)
+            if cfg.cvar_limits != cfg.cvar_risk:
+                (limit_loss, _), cotangent = jax.value_and_grad(
+                    functools.partial(policy_objective, cfg.cvar_limits), argnums=(0, 1), has_aux=True
+                )(log_probs, mixture)
+                limit_grad = policy_vjp(cotangent)[1]
+            limit_state = apply_step(opt.limit, limit_state, pmean(limit_grad))
             limit_state = limit_state.replace(params=jnp.clip(limit_state.params, LIMIT_MIN, 1.0))
 
         # ---- temperature and lagrange multiplier (SPEC 4.6) -----------------------------------
@@ -329,7 +359,7 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
             "entropy_ood": jnp.mean(critic_info["entropy_ood"]),
             "entropy_gap": jnp.mean(critic_info["entropy_data"] - critic_info["entropy_ood"]),
             "entropy": entropy,
-            "cvar": pmean(jnp.mean(cvar(mixture, atoms, cfg.cvar_risk))),
+            "cvar": pmean(jnp.mean(cvars)),
             "q_mean": pmean(jnp.mean(mixture @ atoms)),
             "temperature": alpha,
             "limit": limit,
@@ -349,16 +379,24 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
         return new_agent, metrics
 
     def iteration(agent: RacerAgent, buffer: replay.ReplayBuffer):
-        agent, metrics = jax.lax.scan(
-            lambda agent, _: agent_update(agent, buffer), agent, None, length=updates_per_iteration
+        def step(carry, _):
+            agent, _, finite = carry
+            agent, metrics = agent_update(agent, buffer)
+            return (agent, metrics, finite & metrics["finite"]), None
+
+        # The carry keeps the last update's metrics: no stacking and reducing of every metric.
+        placeholder = {name: jnp.zeros((), jnp.float32) for name in METRICS}
+        placeholder["finite"] = jnp.ones((), bool)
+        (agent, metrics, finite), _ = jax.lax.scan(
+            step, (agent, placeholder, jnp.ones((), bool)), None, length=updates_per_iteration
         )
-        params = (agent.actor.params, agent.critic.params, agent.target_critic, agent.temperature.params,
-                  agent.limit.params, agent.lagrange.params)
-        finite = jnp.all(metrics.pop("finite"))
-        for leaf in params:
-            finite &= jnp.all(jnp.isfinite(leaf))
-        metrics = {name: jnp.mean(value) for name, value in metrics.items()}
-        metrics["finite"] = finite
-        return agent, metrics
+        # a sum of squares is finite iff every parameter is (no overflow at parameter magnitudes),
+        # and a dot is one kernel where all(isfinite(.)) is a chain of reductions per array
+        square_sum = sum(
+            jnp.vdot(params, params)
+            for params in (agent.actor.params, agent.critic.params, agent.target_critic, agent.temperature.params,
+                           agent.limit.params, agent.lagrange.params)
+        )
+        return agent, {**metrics, "finite": finite & jnp.isfinite(square_sum)}
 
     return iteration

@@ -99,8 +99,9 @@ def _norm_init(dim: int) -> Params:
 
 
 def _layer_norm(p: Params, x, eps: float = 1e-6):
+    # E[x^2] - E[x]^2 (like flax's default): both moments come from one pass over x
     mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
     return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
@@ -115,13 +116,16 @@ def _pointnet_init(key, dim: int) -> Params:
 def pointnet_pool(p: Params, others):
     """Max-pool of Dense+LayerNorm+ReLU over the other vehicles' rows `others (..., V-1, 6)`.
 
-    ReLU outputs are >= 0, so zeroing the absent rows before the max equals masking them out of it,
-    and the pool is exactly 0 (not -inf) when no other vehicle is present. The rows of all
-    vehicles and samples go through the shared layer as one tall matrix.
+    Absent rows are zeroed before the max and the ReLU is applied after it:
+    `relu(max_j(present_j * z_j)) = max(0, max_{present j} relu(z_j))`, the masked max of the ReLU
+    outputs, and exactly 0 (not -inf) when no other vehicle is present. Applying the ReLU to the
+    pooled vector rather than to every row saves a full-size pass. The rows of all vehicles and
+    samples go through the shared layer as one tall matrix.
     """
-    h = jax.nn.relu(_layer_norm(p["norm"], _dense(p["dense"], others)))
-    present = others[..., :1] > 0.5
-    return jnp.max(jnp.where(present, h, 0.0), axis=-2)
+    with jax.named_scope("pointnet"):
+        z = _layer_norm(p["norm"], _dense(p["dense"], others))  # (..., V-1, H)
+        present = (others[..., :1] > 0.5).astype(z.dtype)
+        return jax.nn.relu(jnp.max(z * present, axis=-2))
 
 
 def encode(params: Params, obs):
@@ -218,7 +222,8 @@ def ensemble_init(key, cfg: AgentConfig, obs_dim: int) -> Params:
 
 
 def critic_apply(params: Params, obs, actions):
-    """One member: obs (N, D), actions (..., N, A) -> logits (..., N, K).
+    """One member: obs (N, D), actions (N, A) or a stack of action sets (S, N, A) -> logits
+    (N, K) or (S, N, K).
 
     Several action sets for the same states (data and out-of-distribution actions) share the state
     encoding and the state half of the first layer, `concat(s, a) @ W = s @ W_s + a @ W_a`, and
@@ -227,7 +232,14 @@ def critic_apply(params: Params, obs, actions):
     state = encode(params, obs)
     first = params["hidden"][0]["dense"]
     width = state.shape[-1]
-    h = (state @ first["kernel"][:width] + first["bias"]) + actions @ first["kernel"][width:]
+    state_part = state @ first["kernel"][:width] + first["bias"]  # (N, H)
+    action_part = actions @ first["kernel"][width:]
+    if actions.ndim == state.ndim:
+        h = state_part + action_part
+    else:
+        # One add per action set: the state part's gradient is then a sum of S arrays rather than
+        # a broadcast's reduction, which XLA:CPU (YNNPACK) runs about 30x slower.
+        h = jnp.stack([state_part + part for part in action_part])
     for i, layer in enumerate(params["hidden"]):
         if i:
             h = _dense(layer["dense"], h)

@@ -31,10 +31,12 @@ def data_mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), (DATA_AXIS,))
 
 
-def replicated_sharding() -> NamedSharding | None:
-    """Where the agent and the buffer live: replicated on every device, or None with one device."""
+def replicated_sharding() -> jax.sharding.Sharding:
+    """Where the agent and the buffer live: replicated on every device. Arrays placed explicitly
+    are "committed", as are the arrays orbax restores, so a fresh and a restored agent hit the
+    same compiled update."""
     if jax.device_count() == 1:
-        return None
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return NamedSharding(data_mesh(), PartitionSpec())
 
 
@@ -81,8 +83,8 @@ def init_buffer(capacity: int, obs_dim: int, action_dim: int = ACTION_DIM) -> Re
 
 def restore_target(capacity: int, obs_dim: int, action_dim: int = ACTION_DIM) -> ReplayBuffer:
     """Shapes, dtypes and shardings of a buffer, without allocating it: the target for an orbax restore."""
-    sharding = replicated_sharding() or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(_empty, capacity, obs_dim, action_dim)
+    sharding = replicated_sharding()
+    shapes = jax.eval_shape(functools.partial(_empty, capacity, obs_dim, action_dim))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
