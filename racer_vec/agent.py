@@ -390,6 +390,9 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
         (agent, metrics, finite), _ = jax.lax.scan(
             step, (agent, placeholder, jnp.ones((), bool)), None, length=updates_per_iteration
         )
+        return agent, {**metrics, "finite": finite & params_finite(agent)}
+
+    def params_finite(agent: RacerAgent):
         # a sum of squares is finite iff every parameter is (no overflow at parameter magnitudes),
         # and a dot is one kernel where all(isfinite(.)) is a chain of reductions per array
         square_sum = sum(
@@ -397,6 +400,6 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
             for params in (agent.actor.params, agent.critic.params, agent.target_critic, agent.temperature.params,
                            agent.limit.params, agent.lagrange.params)
         )
-        return agent, {**metrics, "finite": finite & jnp.isfinite(square_sum)}
+        return jnp.isfinite(square_sum)
 
     return iteration
