@@ -86,7 +86,8 @@ _unravel.defvjp(_unravel_fwd, _unravel_bwd)
 
 def _dense_init(key, fan_in: int, fan_out: int, scale: float) -> Params:
     """`scale` multiplies the kernel's variance 1 / fan_in."""
-    kernel = jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")(key, (fan_in, fan_out), jnp.float32)
+    init = jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+    kernel = init(key, (fan_in, fan_out), jnp.float32)
     return {"kernel": kernel, "bias": jnp.zeros((fan_out,), jnp.float32)}
 
 
@@ -113,6 +114,27 @@ def _pointnet_init(key, dim: int) -> Params:
     return {"dense": _dense_init(key, VEHICLE_FEATURES, dim, HIDDEN_INIT_SCALE), "norm": _norm_init(dim)}
 
 
+@jax.custom_vjp
+def _rows_dense(x, kernel, bias):
+    """`x @ kernel + bias` for a stack of rows (..., F) with a small F, e.g. every vehicle's 6 features."""
+    return x @ kernel + bias
+
+
+def _rows_dense_fwd(x, kernel, bias):
+    return x @ kernel + bias, (x, kernel)
+
+
+def _rows_dense_bwd(residuals, g):
+    # The kernel's gradient contracts over every row. Written as x^T @ g, XLA transposes the thin
+    # input (F wide) rather than the gradient (H wide), which autodiff's own rule makes it do.
+    x, kernel = residuals
+    rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return g @ kernel.T, rows_x.T @ rows_g, jnp.sum(rows_g, axis=0)
+
+
+_rows_dense.defvjp(_rows_dense_fwd, _rows_dense_bwd)
+
+
 def pointnet_pool(p: Params, others):
     """Max-pool of Dense+LayerNorm+ReLU over the other vehicles' rows `others (..., V-1, 6)`.
 
@@ -123,7 +145,8 @@ def pointnet_pool(p: Params, others):
     samples go through the shared layer as one tall matrix.
     """
     with jax.named_scope("pointnet"):
-        z = _layer_norm(p["norm"], _dense(p["dense"], others))  # (..., V-1, H)
+        h = _rows_dense(others, p["dense"]["kernel"], p["dense"]["bias"])  # (..., V-1, H)
+        z = _layer_norm(p["norm"], h)
         present = (others[..., :1] > 0.5).astype(z.dtype)
         return jax.nn.relu(jnp.max(z * present, axis=-2))
 

@@ -12,8 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from racer_vec import agent as racer, networks, replay
-from racer_vec.config import AgentConfig
+from racer_vec import agent as racer
+from racer_vec import networks, replay
+from racer_vec.config import AgentConfig, ConfigError
 
 
 def resolved(**overrides) -> AgentConfig:
@@ -34,6 +35,75 @@ def run(learner, agent, buffer, iterations):
     for _ in range(iterations):
         agent, metrics = learner.update(agent, buffer)
     return agent, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Two small learners, one per risk level, shared by the device, convergence and risk tests.
+
+CAPACITY, BATCH, UTD, UPDATES = 4096, 128, 2, 100
+
+
+def small(cvar_risk):
+    return resolved(
+        cvar_risk=cvar_risk, num_atoms=17, q_min=-12.0, q_max=4.0, actor_lr=3e-3, critic_lr=3e-3, temp_lr=3e-3,
+        init_temperature=0.1,
+    )  # fmt: skip
+
+
+def small_learner(cvar_risk):
+    return racer.make_learner(small(cvar_risk), batch_size=BATCH, utd_ratio=UTD, updates_per_iteration=UPDATES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices (SPEC 4.8). First in the file: the 2-device subprocess compiles while this process
+# compiles the same learner for one device.
+
+
+def device_run(num_devices):
+    """One iteration (100 agent updates) of the small learner above, which this process has
+    compiled already, on random data; returns everything the comparison needs."""
+    assert jax.device_count() == num_devices
+    learner = small_learner(0.8)
+    rng = np.random.default_rng(0)
+    obs, next_obs = rng.normal(size=(2, CAPACITY, 2)).astype(np.float32)
+    buffer = filled_buffer(obs, rng.uniform(-1, 1, (CAPACITY, 2)), rng.normal(size=CAPACITY),
+                           (rng.random(CAPACITY) > 0.1).astype(np.float32), next_obs)  # fmt: skip
+    agent, metrics = learner.update(racer.create_agent(small(0.8), 2, 1, 0), buffer)
+    actions = racer.sample_actions(agent, buffer.observations[:8], jax.random.PRNGKey(0))
+    try:
+        racer.make_learner(small(0.8), batch_size=BATCH + 1, utd_ratio=UTD, updates_per_iteration=UPDATES)
+        error = ""
+    except ConfigError as exc:
+        error = str(exc)
+    return {
+        "leaves": [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(agent)],
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "actions": np.asarray(actions).tolist(),
+        "compiles": learner.update._cache_size(),
+        "num_devices": learner.num_devices,
+        "error": error,
+    }
+
+
+def test_one_and_two_devices_agree():
+    script = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_agent; " \
+             "print(json.dumps(test_agent.device_run(2)))"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    one = json.loads(json.dumps(device_run(1)))  # meanwhile, the same run on this process's one device
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    two = json.loads(out.strip().splitlines()[-1])
+    assert two["num_devices"] == 2 and one["num_devices"] == 1
+    assert two["compiles"] == 1
+    # the same random draws on both; only the order of the batch sums differs
+    for a, b in zip(one["leaves"], two["leaves"], strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    for name, value in one["metrics"].items():
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    np.testing.assert_allclose(two["actions"], one["actions"], rtol=1e-5, atol=1e-6)
+    assert one["error"] == ""  # an odd batch is fine on one device
+    assert "--batch-size" in two["error"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +143,7 @@ def test_iteration_is_one_compiled_call_that_updates_everything(pointnet_learner
     expected = {"critic_loss", "actor_loss", "limit_loss", "temperature_loss", "lagrange_loss", "cross_entropy",
                 "entropy_data", "entropy_ood", "entropy_gap", "entropy", "cvar", "q_mean", "temperature", "limit",
                 "lagrange", "finite"}  # fmt: skip
-    assert expected <= set(metrics)
+    assert set(metrics) == expected == set(racer.METRICS) | {"finite"}
     assert all(np.shape(v) == () for v in metrics.values())
     assert bool(metrics["finite"])
     for name in ("actor", "critic", "temperature", "limit", "lagrange"):
@@ -121,20 +191,7 @@ def test_actions_respect_the_learned_limit():
 
 
 # ---------------------------------------------------------------------------------------------
-# Learning. The tests below share two compiled learners: one per risk level, same shapes.
-
-CAPACITY, BATCH, UTD, UPDATES = 4096, 128, 2, 100
-
-
-def small(cvar_risk):
-    return resolved(
-        cvar_risk=cvar_risk, num_atoms=17, q_min=-12.0, q_max=4.0, actor_lr=3e-3, critic_lr=3e-3, temp_lr=3e-3,
-        init_temperature=0.1,
-    )  # fmt: skip
-
-
-def small_learner(cvar_risk):
-    return racer.make_learner(small(cvar_risk), batch_size=BATCH, utd_ratio=UTD, updates_per_iteration=UPDATES)
+# Learning
 
 
 def test_critic_converges_to_the_projected_bootstrapped_distribution():
@@ -182,56 +239,3 @@ def test_risk_level_decides_between_the_risky_and_the_safe_arm(cvar_risk, arm):
         assert acceleration > 0.3
     else:
         assert acceleration < -0.3
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices (SPEC 4.8)
-
-
-def device_run(num_devices):
-    """One iteration (100 agent updates) of the small learner above, which this process has
-    compiled already, on random data; returns everything the comparison needs."""
-    from racer_vec.config import ConfigError
-
-    assert jax.device_count() == num_devices
-    learner = small_learner(0.8)
-    rng = np.random.default_rng(0)
-    obs, next_obs = rng.normal(size=(2, CAPACITY, 2)).astype(np.float32)
-    buffer = filled_buffer(obs, rng.uniform(-1, 1, (CAPACITY, 2)), rng.normal(size=CAPACITY),
-                           (rng.random(CAPACITY) > 0.1).astype(np.float32), next_obs)  # fmt: skip
-    agent, metrics = learner.update(racer.create_agent(small(0.8), 2, 1, 0), buffer)
-    actions = racer.sample_actions(agent, buffer.observations[:8], jax.random.PRNGKey(0))
-    try:
-        racer.make_learner(small(0.8), batch_size=BATCH + 1, utd_ratio=UTD, updates_per_iteration=UPDATES)
-        error = ""
-    except ConfigError as exc:
-        error = str(exc)
-    return dict(
-        leaves=[np.asarray(leaf).tolist() for leaf in jax.tree.leaves(agent)],
-        metrics={k: float(v) for k, v in metrics.items()},
-        actions=np.asarray(actions).tolist(),
-        compiles=learner.update._cache_size(),
-        num_devices=learner.num_devices,
-        error=error,
-    )
-
-
-def test_one_and_two_devices_agree():
-    script = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_agent; " \
-             "print(json.dumps(test_agent.device_run(2)))"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
-    one = json.loads(json.dumps(device_run(1)))  # meanwhile, the same run on this process's one device
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0
-    two = json.loads(out.strip().splitlines()[-1])
-    assert two["num_devices"] == 2 and one["num_devices"] == 1
-    assert two["compiles"] == 1
-    # the same random draws on both; only the order of the batch sums differs
-    for a, b in zip(one["leaves"], two["leaves"], strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
-    for name, value in one["metrics"].items():
-        assert two["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
-    np.testing.assert_allclose(two["actions"], one["actions"], rtol=1e-5, atol=1e-6)
-    assert one["error"] == ""  # an odd batch is fine on one device
-    assert "--batch-size" in two["error"]

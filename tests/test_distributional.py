@@ -98,7 +98,7 @@ def test_cvar_is_the_mean_of_the_worst_fraction_of_sorted_samples(risk):
     n = 2000  # (1 - risk) * n is an integer for every risk above
     counts = rng.multinomial(n, rng.dirichlet(np.ones(21)))
     samples = np.sort(np.repeat(atoms, counts))
-    worst = samples[: int(round((1 - risk) * n))]
+    worst = samples[: round((1 - risk) * n)]
     got = float(jax.jit(cvar)(jnp.asarray(counts / n, jnp.float32), atoms, risk))
     assert got == pytest.approx(worst.mean(), abs=1e-4)
 
