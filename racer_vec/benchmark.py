@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from importlib import metadata
 from typing import Annotated
 
 import numpy as np
@@ -23,6 +21,7 @@ import tyro
 
 import configs
 from racer_vec.config import ACTION_DIM, ConfigError, TrainConfig, resolve
+from racer_vec.provenance import machine_info
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,26 +39,6 @@ class BenchmarkArgs:
     end_to_end: bool = True
     """Measure the training loop too (not only the env and the learner)."""
     output: str = "benchmark.json"
-
-
-def machine_info() -> dict:
-    import jax
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    packages = ("jax", "jaxlib", "flax", "optax", "highway-env", "gymnasium", "numpy")
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "packages": {p: metadata.version(p) for p in packages},
-    }
 
 
 def _timed_loop(step, warmup: float, seconds: float) -> tuple[int, float]:

@@ -28,6 +28,7 @@ from racer_vec.checkpoints import Checkpointer
 from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig, to_dict
 from racer_vec.evaluation import Evaluator
 from racer_vec.progress import ProgressDisplay
+from racer_vec.provenance import machine_info, source_commit
 from racer_vec.replay import init_buffer, insert
 from racer_vec.rewards import training_reward
 
@@ -148,6 +149,15 @@ class Trainer:
                 raise ConfigError(f"--run-name {self.run_dir.name}: {self.run_dir} already holds a run (use --resume)")
             self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        # One line per start or resume: which code and machine produced which part of the run.
+        session = {
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "env_steps": self.counters.env_steps,
+            **source_commit(),
+            "machine": machine_info(),
+        }
+        with open(self.run_dir / "run_info.jsonl", "a") as f:
+            f.write(json.dumps(session) + "\n")
 
         self._sample = jax.jit(self._sample_actions)
         self.envs = env_layer.make_vector_env(cfg.env, cfg.num_envs, seed=cfg.seed)

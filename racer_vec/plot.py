@@ -1,0 +1,184 @@
+"""Learning curves of one or more runs, from their metrics.jsonl, against environment transitions.
+
+    python -m racer_vec.plot runs/a runs/b --output curves.png
+
+One figure, one line per run (labelled by run name and cvar_risk). Top row: training (episode
+return, speed, collision rate, cumulative collisions); bottom row: the periodic evaluations, where
+the runs have them. Episode returns are a moving average over `--smooth` log intervals; speed and
+collision rate are the trainer's own EMAs (weight 0.01 per vector step and per finished episode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+from racer_vec.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotArgs:
+    runs: tyro.conf.Positional[tuple[Path, ...]]
+    """Run directories (each with metrics.jsonl and config.json)."""
+    output: Path = Path("learning_curves.png")
+    """PNG file to write."""
+    smooth: int = 10
+    """Moving-average window for episode returns, in log intervals (1: no smoothing)."""
+    title: str | None = None
+    """Figure title; default: the presets of the runs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    preset: str
+    cvar_risk: float
+    log_interval: int
+    metrics: list[dict]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (CVaR {self.cvar_risk:g})"
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(env_steps, values) of the lines that have `key`."""
+        rows = [(m["env_steps"], m[key]) for m in self.metrics if m.get(key) is not None]
+        if not rows:
+            return np.zeros(0), np.zeros(0)
+        steps, values = np.array(rows, dtype=np.float64).T
+        return steps, values
+
+
+def load_run(run_dir: Path) -> Run:
+    metrics_path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: not a directory")
+    if not metrics_path.is_file():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or the run logged nothing yet)")
+    metrics = []
+    lines = metrics_path.read_text().splitlines()
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a torn last line; anything earlier is corruption.
+            if line_no == len(lines):
+                break
+            raise ConfigError(f"{metrics_path}:{line_no}: not valid JSON") from None
+    if not metrics:
+        raise ConfigError(f"{metrics_path}: empty (the run logged nothing yet)")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    # A resumed run appends to metrics.jsonl; a line from before an interruption may repeat steps.
+    by_step = {m["env_steps"]: m for m in metrics}
+    return Run(
+        name=config.get("run_name") or run_dir.resolve().name,
+        preset=config.get("preset", "?"),
+        cvar_risk=float(config.get("agent", {}).get("cvar_risk", float("nan"))),
+        log_interval=int(config.get("log_interval", 1)),
+        metrics=[by_step[s] for s in sorted(by_step)],
+    )
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` points (shorter at the start, so no point is dropped)."""
+    if window <= 1 or values.size == 0:
+        return values
+    csum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, values.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+# (metrics key, panel title, y-axis label, scale, smoothed)
+TRAIN_PANELS = (
+    ("episode_return_mean", "Training episode return", "env return per episode", 1.0, True),
+    ("speed_ema", "Training speed (EMA)", "forward speed [m/s]", 1.0, False),
+    ("collision_ema", "Training collision rate (EMA)", "episodes ending in a crash [%]", 100.0, False),
+    ("train_collisions_total", "Cumulative training collisions", "crashes [count]", 1.0, False),
+)
+EVAL_PANELS = (
+    ("eval/mean_return", "Evaluation return", "env return per episode", 1.0, False),
+    ("eval/mean_ego_speed", "Evaluation speed", "mean forward speed [m/s]", 1.0, False),
+    ("eval/collision_rate", "Evaluation collision rate", "episodes ending in a crash [%]", 100.0, False),
+    ("eval/success_rate", "Evaluation success rate", "episodes without crash or offroad [%]", 100.0, False),
+)
+
+
+def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, panels in enumerate((TRAIN_PANELS, EVAL_PANELS)):
+        for ax, (key, panel_title, ylabel, scale, smoothed) in zip(axes[row], panels):
+            drawn = False
+            for i, run in enumerate(runs):
+                steps, values = run.series(key)
+                if steps.size == 0:
+                    continue
+                if smoothed:
+                    values = moving_average(values, smooth)
+                style = {"marker": "o", "markersize": 4} if row == 1 else {}
+                ax.plot(steps, values * scale, color=colors[i % len(colors)], label=run.label, **style)
+                drawn = True
+            ax.set_title(panel_title)
+            ax.set_xlabel("environment transitions")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_thousands))
+            if not drawn:
+                ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", title="run (risk level)")
+    presets = ", ".join(sorted({r.preset for r in runs}))
+    window = f"moving average over {smooth} log intervals" if smooth > 1 else "not smoothed"
+    fig.suptitle(
+        f"{title or presets}\n"
+        f"Episode return: {window}; speed and collision rate: EMA (weight 0.01); "
+        f"evaluation: deterministic policy, mean over the run's evaluation episodes",
+        fontsize=12,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def _thousands(x: float, _pos) -> str:
+    return f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = tyro.cli(PlotArgs, args=argv, description=__doc__.splitlines()[0])
+    try:
+        if not args.runs:
+            raise ConfigError("give at least one run directory")
+        if args.smooth < 1:
+            raise ConfigError(f"--smooth must be at least 1, got {args.smooth}")
+        if args.output.suffix.lower() != ".png":
+            raise ConfigError(f"--output {args.output}: must end in .png")
+        runs = [load_run(Path(d)) for d in args.runs]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = plot_runs(runs, args.output, smooth=args.smooth, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""python -m racer_vec.plot: learning curves from runs' metrics.jsonl."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from racer_vec import plot
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_writes_a_png_from_a_tiny_run(tiny_run, tmp_path):
+    # a second run with another risk level: the same metrics under another name
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    config = json.loads((other / "config.json").read_text())
+    config["run_name"], config["agent"]["cvar_risk"] = "other", 0.8
+    (other / "config.json").write_text(json.dumps(config))
+
+    output = tmp_path / "figs" / "curves.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "racer_vec.plot", str(tiny_run), str(other), "--output", str(output)],
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MPLBACKEND")},  # headless
+    )
+    assert result.returncode == 0, result.stderr
+    width, height = png_size(output)
+    assert width >= 1600 and height >= 700
+
+    runs = [plot.load_run(tiny_run), plot.load_run(other)]
+    assert [r.label for r in runs] == ["tiny (CVaR 0.5)", "other (CVaR 0.8)"]
+    steps, evals = runs[0].series("eval/mean_return")
+    assert list(steps) == [200, 400] and np.isfinite(evals).all()  # the tiny run evaluates every 200 steps
+
+
+def test_resumed_and_torn_metrics_are_read_once_per_step(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"env_steps": s, "episode_return_mean": float(s)} for s in (100, 200, 300)]
+    lines += [{"env_steps": 300, "episode_return_mean": -1.0}, {"env_steps": 400, "episode_return_mean": 4.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + '\n{"env_steps": 5')
+    loaded = plot.load_run(run)
+    steps, values = loaded.series("episode_return_mean")
+    assert list(steps) == [100, 200, 300, 400] and list(values) == [100, 200, -1, 4]
+    assert loaded.name == "run"
+
+
+def test_moving_average_is_trailing_and_keeps_every_point():
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    assert list(plot.moving_average(values, 2)) == [1.0, 2.0, 4.0, 6.0]
+    assert list(plot.moving_average(values, 1)) == list(values)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d, "no metrics.jsonl"),
+    (lambda d: d / "missing", "not a directory"),
+    (lambda d: (d / "metrics.jsonl").write_text("") or d, "empty"),
+])
+def test_a_run_without_metrics_is_one_line_and_exit_2(tmp_path, capsys, make, message):
+    target = make(tmp_path)
+    code = plot.main([str(target), "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and str(target) in err
+    assert not (tmp_path / "x.png").exists()

@@ -1,0 +1,62 @@
+"""python -m racer_vec.results: a results file from an evaluated run, and the Markdown table."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from racer_vec import results
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval")
+    code = evaluate.main(["--checkpoint", str(tiny_run / "checkpoints" / "200"), "--num-episodes", "2",
+                          "--num-workers", "1", "--no-render", "--output-dir", str(out)])
+    assert code == 0
+    return out / "evaluation_metrics.json"
+
+
+def test_collect_and_table(tiny_run, evaluation, tmp_path, capsys):
+    output = tmp_path / "results" / "tiny.json"
+    assert results.main(["collect", str(tiny_run), "--evaluation", str(evaluation), "--output", str(output)]) == 0
+    record = json.loads(output.read_text())
+    summary = json.loads(evaluation.read_text())["summary"]
+    metrics = {m["env_steps"]: m for m in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines())}
+
+    assert record["run"] == "tiny" and record["preset"] == "highway_fast" and record["env_steps"] == 200
+    assert record["evaluation"] == summary and record["evaluation"]["num_episodes"] == 2
+    # training totals at the evaluated checkpoint, not at the end of the run
+    assert record["training"]["train_collisions_total"] == metrics[200]["train_collisions_total"]
+    assert record["training"]["episodes_total"] == metrics[200]["episodes_total"] < metrics[400]["episodes_total"]
+    assert record["training"]["transitions_per_s"] == metrics[200]["sps"] > 0
+    assert record["config"]["agent"]["hidden_dims"] == [32, 32]
+    (session,) = record["sessions"]
+    assert session["env_steps"] == 0 and len(session["commit"]) == 40 and session["machine"]["cores"] >= 1
+
+    capsys.readouterr()
+    assert results.main(["table", str(output), str(output)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| run | CVaR |")
+    assert lines[2].startswith("| tiny | 0.5 | 0 | 0.2k |")
+    assert f"{100 * summary['collision_rate']:.0f}%" in lines[2]
+
+
+def test_evaluation_of_another_run_is_refused(tiny_run, evaluation, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text((tiny_run / "config.json").read_text())
+    code = results.main(["collect", str(other), "--evaluation", str(evaluation)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not a checkpoint of" in err
+
+
+def test_missing_files_are_one_line_and_exit_2(tmp_path, capsys):
+    code = results.main(["collect", str(tmp_path), "--evaluation", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "config.json" in err
