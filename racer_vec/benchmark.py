@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -42,7 +43,13 @@ class BenchmarkArgs:
 
 
 def _timed_loop(step, warmup: float, seconds: float) -> tuple[int, float]:
-    """Call step() for warmup then for `seconds`; returns (calls, elapsed) of the measured part."""
+    """Call step() to warm up, then for `seconds`; returns (calls, elapsed) of the measured part.
+
+    Warm-up is a few calls (the first ones compile, and a later one may compile again) and then
+    `warmup` seconds counted after them, so a long compile never eats the warm-up time.
+    """
+    for _ in range(3):
+        step()
     end = time.perf_counter() + warmup
     while time.perf_counter() < end:
         step()
@@ -223,15 +230,59 @@ def run(args: BenchmarkArgs) -> dict:
     return report
 
 
+def format_tables(report: dict) -> str:
+    """The report as Markdown tables (the README's Performance section is made of these)."""
+    preset, machine = report["preset"], report["machine"]
+    lines = [
+        f"`{preset}` on {machine['cores']} cores ({machine['cpu']}), JAX {machine['packages']['jax']} "
+        f"on {machine['jax_backend']}, {report['seconds']:g} s per row",
+        "",
+    ]
+    if report["env_only"]:
+        workers = sorted({r["workers"] for r in report["env_only"]})
+        lines += ["| env only (transitions/s) | " + " | ".join(f"{n} workers" for n in workers) + " |",
+                  "|---|" + "---|" * len(workers)]
+        for sim in dict.fromkeys(r["sim"] for r in report["env_only"]):
+            rate = {r["workers"]: r["transitions_per_s"] for r in report["env_only"] if r["sim"] == sim}
+            lines.append(f"| {sim} simulator | " + " | ".join(f"{rate[n]:.1f}" if n in rate else "" for n in workers) + " |")
+        lines.append("")
+    learner = report["learner"]
+    lines += [
+        "| learner (batch / utd) | agent updates/s | critic updates/s | ms per agent update | compile |",
+        "|---|---|---|---|---|",
+        f"| {learner['batch_size']} / {learner['utd_ratio']} | {learner['agent_updates_per_s']:.1f} | "
+        f"{learner['critic_updates_per_s']:.1f} | {learner['ms_per_agent_update']:.1f} | {learner['compile_seconds']:.1f} s |",
+    ]
+    if report["end_to_end"]:
+        lines += [
+            "",
+            "| end to end: workers | updates / vector step | transitions/s | iteration | simulate | learn "
+            "| bound | of the bound |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in report["end_to_end"]:
+            lines.append(
+                f"| {r['workers']} | {r['updates_per_iteration']} | {r['transitions_per_s']:.1f} | "
+                f"{r['iteration_ms']:.0f} ms | {r['simulate_ms']:.0f} ms | {r['learn_ms']:.0f} ms | {r['bound']} | "
+                f"{100 * r['bound_efficiency']:.0f}% |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = tyro.cli(BenchmarkArgs, args=argv, description=__doc__.splitlines()[0])
     try:
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--output {args.output}: cannot create its directory ({exc.strerror})") from None
         report = run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
+    print("\n" + format_tables(report) + "\n")
     print(f"wrote {args.output}")
     return 0
 

@@ -19,7 +19,6 @@ from datetime import datetime
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from racer_vec import envs as env_layer
@@ -29,7 +28,7 @@ from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig,
 from racer_vec.evaluation import Evaluator
 from racer_vec.progress import ProgressDisplay
 from racer_vec.provenance import machine_info, source_commit
-from racer_vec.replay import init_buffer, insert
+from racer_vec.replay import init_buffer, insert, replicated_sharding
 from racer_vec.rewards import training_reward
 
 EMA_WEIGHT = 0.01
@@ -138,7 +137,9 @@ class Trainer:
         )
         self.agent = create_agent(cfg.agent, obs_dim, cfg.env.observed_vehicles, cfg.seed)
         self.buffer = init_buffer(cfg.buffer_size, obs_dim, ACTION_DIM)
-        self.action_key = jax.random.PRNGKey(cfg.seed + 1)
+        # Committed like the agent and like the key _sample returns: an uncommitted key compiles
+        # the sampler a second time on the second iteration (~1 s).
+        self.action_key = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated_sharding())
         self.random_actions = np.random.default_rng(cfg.seed)
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
@@ -178,7 +179,7 @@ class Trainer:
         self.agent = agent
         counters = dict(state["counters"])
         self.counters = Counters(**counters)
-        self.action_key = jnp.asarray(self.counters.action_key, dtype=jnp.uint32)
+        self.action_key = jax.device_put(np.asarray(self.counters.action_key, dtype=np.uint32), replicated_sharding())
         self.random_actions = np.random.default_rng([self.cfg.seed, step])
         if buffer is not None:
             self.buffer = buffer
