@@ -240,7 +240,7 @@ def format_tables(report: dict) -> str:
     ]
     if report["env_only"]:
         workers = sorted({r["workers"] for r in report["env_only"]})
-        lines += ["| env only (transitions/s) | " + " | ".join(f"{n} workers" for n in workers) + " |",
+        lines += ["| env only (transitions/s) | " + " | ".join(f"{n} worker{'s' * (n > 1)}" for n in workers) + " |",
                   "|---|" + "---|" * len(workers)]
         for sim in dict.fromkeys(r["sim"] for r in report["env_only"]):
             rate = {r["workers"]: r["transitions_per_s"] for r in report["env_only"] if r["sim"] == sim}
