@@ -263,7 +263,8 @@ def _make_iteration(cfg: AgentConfig, batch_size: int, utd_ratio: int, updates_p
                 next_probs = jnp.broadcast_to(jnp.mean(next_probs, axis=0), next_probs.shape)
             next_atoms = atoms - alpha * next_log_probs[:, None] if cfg.backup_entropy else atoms
             # r + gamma * mask * z, mask = 0 on true termination: (B, K), shared by every member
-            target_atoms = batch.rewards[:, None] + cfg.discount * batch.masks[:, None] * next_atoms
+            masks = jnp.ones_like(batch.masks) if cfg.bootstrap_terminations else batch.masks
+            target_atoms = batch.rewards[:, None] + cfg.discount * masks[:, None] * next_atoms
             target = categorical_l2_project(target_atoms, next_probs, atoms)  # (num_qs, B, K)
             grads, info = jax.grad(critic_loss, has_aux=True)(
                 critic.params, batch.observations, batch.actions, ood_actions, target

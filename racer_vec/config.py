@@ -171,6 +171,10 @@ class AgentConfig:
     """Subtract the entropy bonus from the bootstrapped target."""
     independent_ensemble: bool = True
     """Each critic member bootstraps from its own target member."""
+    bootstrap_terminations: bool = False
+    """Ablation: bootstrap through crashes and offroad terminations too, as the public highway-racer
+    release does (its target omits the termination mask, SPEC errata). Wrong for these episodes;
+    there to compare with the release."""
     learned_limit: bool = True
     """Learn a symmetric limit h in (0, 1] on the steering action (index 1)."""
     init_limit: float = 0.2

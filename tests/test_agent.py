@@ -219,6 +219,23 @@ def test_critic_converges_to_the_projected_bootstrapped_distribution():
     np.testing.assert_allclose(probs[:, 16:], np.broadcast_to(expected_b, probs[:, 16:].shape), atol=0.05)
 
 
+def test_bootstrapping_terminations_is_an_ablation_that_changes_the_target():
+    """State B of the test above (r = 2, then the end: all mass on atom 2 there) with its
+    termination ignored: B -> B with r = 2 forever is worth 200, above the support, so the mass
+    climbs onto the top atom at the target network's pace."""
+    state_b = np.array([0.0, 1.0], np.float32)
+    buffer = filled_buffer(
+        np.tile(state_b, (CAPACITY, 1)), np.zeros((CAPACITY, 2), np.float32), np.full(CAPACITY, 2.0, np.float32),
+        np.zeros(CAPACITY, np.float32), np.tile(state_b, (CAPACITY, 1)),
+    )  # fmt: skip
+    cfg = dataclasses.replace(small(0.0), bootstrap_terminations=True)
+    learner = racer.make_learner(cfg, batch_size=BATCH, utd_ratio=UTD, updates_per_iteration=UPDATES)
+    agent, _ = run(learner, racer.create_agent(cfg, 2, 1, 0), buffer, 3)
+    logits = networks.ensemble_apply(agent.critic_params(), state_b[None], np.zeros((1, 2), np.float32))
+    probs = np.asarray(jax.nn.softmax(logits))[:, 0]  # (Q, 17) on atoms -12..4
+    assert (probs[:, 14] < 0.5).all() and (probs[:, -1] > 0.3).all()
+
+
 def bandit_buffer(seed=0):
     """One step: action[0] > 0 picks the risky arm (+3 w.p. 0.9, -10 w.p. 0.1; mean 1.7), otherwise
     the safe arm (+1). Every episode ends there (mask 0)."""
