@@ -143,13 +143,13 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
                 ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", title="run (risk level)")
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), title="run (risk level)")
     presets = ", ".join(sorted({r.preset for r in runs}))
     window = f"moving average over {smooth} log intervals" if smooth > 1 else "not smoothed"
     fig.suptitle(
         f"{title or presets}\n"
         f"Episode return: {window}; speed and collision rate: EMA (weight 0.01); "
-        f"evaluation: deterministic policy, mean over the run's evaluation episodes",
+        f"evaluation: the periodic deterministic evaluations (--eval-episodes each)",
         fontsize=12,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
