@@ -38,7 +38,6 @@ class Run:
     name: str
     preset: str
     cvar_risk: float
-    log_interval: int
     metrics: list[dict]
 
     @property
@@ -78,13 +77,13 @@ def load_run(run_dir: Path) -> Run:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         config = {}
-    # A resumed run appends to metrics.jsonl; a line from before an interruption may repeat steps.
+    # A resumed run appends to metrics.jsonl and repeats the steps logged after its checkpoint:
+    # the later line of a step is the one kept.
     by_step = {m["env_steps"]: m for m in metrics}
     return Run(
         name=config.get("run_name") or run_dir.resolve().name,
         preset=config.get("preset", "?"),
         cvar_risk=float(config.get("agent", {}).get("cvar_risk", float("nan"))),
-        log_interval=int(config.get("log_interval", 1)),
         metrics=[by_step[s] for s in sorted(by_step)],
     )
 
