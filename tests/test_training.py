@@ -203,3 +203,24 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
                 replica_obs, _ = env.reset()
         env.close()
     assert ends >= 4
+
+
+def test_the_loop_compiles_its_calls_once(tmp_path):
+    """The sampler and the update compile on the first iteration only. (An uncommitted PRNG key
+    once made the sampler compile a second time on the second iteration, ~1 s of a timed loop.)"""
+    from racer_vec.cli import parse_train_args
+    from racer_vec.training import Trainer
+
+    cfg = parse_train_args([*TINY_ARGS, "--runs-dir", str(tmp_path), "--run-name", "once", "--wandb-mode", "disabled",
+                            "--eval-interval", "0", "--start-training", "32"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        obs = trainer.envs.reset(seed=0)[0]
+        for _ in range(40):  # 80 env steps: random actions to 32, then sampling and updates
+            obs = trainer.iteration(obs)
+        assert trainer.counters.updates > 10
+        assert trainer._sample._cache_size() == 1
+        assert trainer.learner.update._cache_size() == 1
+    finally:
+        trainer.close()
