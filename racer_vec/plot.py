@@ -1,6 +1,10 @@
 """Learning curves of one or more runs, from their metrics.jsonl, against environment transitions.
 
     python -m racer_vec.plot runs/a runs/b --output curves.png
+    python -m racer_vec.plot results/a_120000.json results/b_120000.json   # from results files
+
+A results file (`racer_vec.results collect`) holds its run's curve up to the evaluated step, so
+committed figures can be redrawn without the run directories.
 
 One figure, one line per run (labelled by run name and cvar_risk). Top row: training (episode
 return, speed, collision rate, cumulative collisions); bottom row: the periodic evaluations, where
@@ -24,7 +28,7 @@ from racer_vec.config import ConfigError
 @dataclasses.dataclass(frozen=True)
 class PlotArgs:
     runs: tyro.conf.Positional[tuple[Path, ...]]
-    """Run directories (each with metrics.jsonl and config.json)."""
+    """Run directories (each with metrics.jsonl and config.json) or results files (*.json)."""
     output: Path = Path("learning_curves.png")
     """PNG file to write."""
     smooth: int = 10
@@ -54,6 +58,8 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
+    if run_dir.suffix == ".json" and run_dir.is_file():
+        return load_results_file(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: not a directory")
@@ -85,6 +91,21 @@ def load_run(run_dir: Path) -> Run:
         preset=config.get("preset", "?"),
         cvar_risk=float(config.get("agent", {}).get("cvar_risk", float("nan"))),
         metrics=[by_step[s] for s in sorted(by_step)],
+    )
+
+
+def load_results_file(path: Path) -> Run:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable results file ({exc})") from None
+    if not isinstance(record, dict) or not record.get("curve"):
+        raise ConfigError(f"{path}: no learning curve in this file (not a results file, or written before they held one)")
+    return Run(
+        name=record.get("run", path.stem),
+        preset=record.get("preset", "?"),
+        cvar_risk=float(record.get("cvar_risk", float("nan"))),
+        metrics=record["curve"],
     )
 
 

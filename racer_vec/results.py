@@ -5,8 +5,9 @@
 
 A results file keeps what a reader needs to trust and reproduce a number without the run directory
 (checkpoints and buffers are too large to share): the evaluation summary, the resolved config, the
-training totals at the evaluated checkpoint, wall time, transitions/s, and for every start or resume
-of the run the source commit and the machine.
+training totals at the evaluated checkpoint, wall time, transitions/s, for every start or resume
+of the run the source commit and the machine, and the learning curve up to the evaluated step (the
+metrics `racer_vec.plot` draws), so that plots can be redrawn from the results files alone.
 """
 
 from __future__ import annotations
@@ -62,6 +63,26 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+CURVE_KEYS = (
+    "env_steps", "updates", "sps", "episode_return_mean", "episode_training_return_mean", "episode_length_mean",
+    "speed_ema", "collision_ema", "train_collisions_total", "offroad_terminations_total", "episodes_total",
+)  # fmt: skip
+"""Per log interval, what a learning curve needs (plus every `eval/...` key)."""
+
+
+def curve(metrics: dict[int, dict], last_step: int) -> list[dict]:
+    """The learning curve up to `last_step`, one row per logged step, floats to 6 significant digits."""
+
+    def short(value):
+        return float(f"{value:.6g}") if isinstance(value, float) else value
+
+    return [
+        {k: short(v) for k, v in metrics[step].items() if k in CURVE_KEYS or k.startswith("eval/")}
+        for step in sorted(metrics)
+        if step <= last_step
+    ]
+
+
 def collect(run_dir: Path, evaluation_file: Path) -> dict:
     config = _read_json(run_dir / "config.json", "run config (is this a run directory?)")
     evaluation = _read_json(evaluation_file, "evaluation file")
@@ -103,6 +124,7 @@ def collect(run_dir: Path, evaluation_file: Path) -> dict:
         },
         "sessions": sessions,
         "config": config,
+        "curve": curve(metrics, step),
     }
 
 

@@ -1,4 +1,4 @@
-"""python -m racer_vec.plot: learning curves from runs' metrics.jsonl."""
+"""python -m racer_vec.plot: learning curves from runs' metrics.jsonl or results files."""
 
 import json
 import os
@@ -65,6 +65,7 @@ def test_moving_average_is_trailing_and_keeps_every_point():
     (lambda d: d, "no metrics.jsonl"),
     (lambda d: d / "missing", "not a directory"),
     (lambda d: (d / "metrics.jsonl").write_text("") or d, "empty"),
+    (lambda d: (d / "old.json").write_text('{"run": "old"}') and d / "old.json", "no learning curve"),
 ])
 def test_a_run_without_metrics_is_one_line_and_exit_2(tmp_path, capsys, make, message):
     target = make(tmp_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from racer_vec import results
+from racer_vec import plot, results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +38,15 @@ def test_collect_and_table(tiny_run, evaluation, tmp_path, capsys):
     assert record["config"]["agent"]["hidden_dims"] == [32, 32]
     (session,) = record["sessions"]
     assert session["env_steps"] == 0 and len(session["commit"]) == 40 and session["machine"]["cores"] >= 1
+    # the learning curve up to the evaluated step, which the plot draws from the file alone
+    assert [row["env_steps"] for row in record["curve"]] == [s for s in sorted(metrics) if s <= 200]
+    last = record["curve"][-1]
+    assert last["train_collisions_total"] == metrics[200]["train_collisions_total"]
+    assert last["eval/mean_return"] == pytest.approx(metrics[200]["eval/mean_return"], rel=1e-5)
+    assert "actor_loss" not in last
+    run = plot.load_run(output)
+    assert run.label == "tiny (CVaR 0.5)"
+    assert list(run.series("speed_ema")[0]) == [row["env_steps"] for row in record["curve"]]
 
     capsys.readouterr()
     assert results.main(["table", str(output), str(output)]) == 0

@@ -224,3 +224,17 @@ def test_the_loop_compiles_its_calls_once(tmp_path):
         assert trainer.learner.update._cache_size() == 1
     finally:
         trainer.close()
+
+
+def test_the_same_command_trains_the_same_run(tiny_run, tmp_path):
+    # Results rows are checked by rerunning their command: everything but the clock must repeat,
+    # bit for bit (env seeds, warm-up actions, minibatches, XLA's CPU arithmetic).
+    result = run_train(*TINY_ARGS, "--runs-dir", str(tmp_path), "--run-name", "again", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def untimed(run_dir):
+        return [{k: v for k, v in m.items() if k not in ("sps", "wall_time")} for m in _metrics(run_dir)]
+
+    first, again = untimed(tiny_run), untimed(tmp_path / "again")
+    assert len(first) == 4 and first[-1]["updates"] > 0
+    assert again == first
