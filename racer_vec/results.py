@@ -2,6 +2,7 @@
 
     python -m racer_vec.results collect runs/NAME --evaluation runs/NAME/eval/STEP/evaluation_metrics.json
     python -m racer_vec.results table results/*.json
+    python -m racer_vec.results table results/*.json --mean-over-seeds
 
 A results file keeps what a reader needs to trust and reproduce a number without the run directory
 (checkpoints and buffers are too large to share): the evaluation summary, the resolved config, the
@@ -20,7 +21,7 @@ from typing import Annotated, Union
 
 import tyro
 
-from racer_vec.config import ConfigError
+from racer_vec.config import ConfigError, TrainConfig, from_dict, to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Table:
     """Print a Markdown table of results files."""
 
     files: tyro.conf.Positional[tuple[Path, ...]]
+    mean_over_seeds: bool = False
+    """One row per group of runs that differ only in seed (same settings, same evaluated step): the
+    mean over its seeds."""
 
 
 def _read_json(path: Path, what: str):
@@ -150,6 +154,52 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BOOKKEEPING = {
+    "seed", "run_name", "runs_dir", "resume", "save_buffer", "wandb_mode", "wandb_project", "log_interval",
+    "checkpoint_interval", "keep_checkpoints", "eval_interval", "eval_episodes", "eval_seed", "max_steps",
+}  # fmt: skip
+"""Config fields that do not change what a run learns up to its evaluated step (or are the seed)."""
+
+
+def _mean(group: list[dict], get) -> float:
+    return float(sum(get(r) for r in group) / len(group))
+
+
+MEAN_FIELDS = (
+    ("preset", lambda g: g[0]["preset"]),
+    ("CVaR", lambda g: f"{g[0]['cvar_risk']:g}"),
+    ("transitions", lambda g: f"{g[0]['env_steps'] / 1000:g}k"),
+    ("seeds", lambda g: ", ".join(str(r["seed"]) for r in g)),
+    ("runs", lambda g: ", ".join(r["run"] for r in g)),
+    ("eval return", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_return']):.1f}"),
+    ("eval speed [m/s]", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_ego_speed']):.1f}"),
+    ("eval collisions", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['collision_rate']):.0f}%"),
+    ("eval success", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['success_rate']):.0f}%"),
+    ("train collisions", lambda g: f"{_mean(g, lambda r: r['training']['train_collisions_total']):,.1f}"),
+)
+
+
+def seed_groups(results: list[dict]) -> list[list[dict]]:
+    """Results grouped by everything but the seed and bookkeeping: resolved settings and evaluated step."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        try:  # fields added since the run was made take their defaults, as they would on a rerun
+            config = to_dict(from_dict(TrainConfig, r["config"]))
+        except (ConfigError, TypeError):
+            config = r["config"]
+        settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
+        key = (r["preset"], r["env_steps"], r["cvar_risk"], json.dumps(settings, sort_keys=True))
+        groups.setdefault(key, []).append(r)
+    return [sorted(groups[key], key=lambda r: r["seed"]) for key in sorted(groups)]
+
+
+def mean_table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in MEAN_FIELDS) + " |", "|" + "---|" * len(MEAN_FIELDS)]
+    for group in seed_groups(results):
+        lines.append("| " + " | ".join(fmt(group) for _, fmt in MEAN_FIELDS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     command = tyro.cli(
         Union[Annotated[Collect, tyro.conf.subcommand("collect")], Annotated[Table, tyro.conf.subcommand("table")]],
@@ -166,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not command.files:
                 raise ConfigError("give at least one results file")
-            print(table([_read_json(f, "results file") for f in command.files]))
+            records = [_read_json(f, "results file") for f in command.files]
+            print(mean_table(records) if command.mean_over_seeds else table(records))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,3 +69,37 @@ def test_missing_files_are_one_line_and_exit_2(tmp_path, capsys):
     code = results.main(["collect", str(tmp_path), "--evaluation", str(tmp_path / "e.json")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "config.json" in err
+
+
+def test_mean_over_seeds_groups_runs_that_differ_only_in_seed(tiny_run, evaluation, tmp_path, capsys):
+    assert results.main(["collect", str(tiny_run), "--evaluation", str(evaluation), "--output",
+                         str(tmp_path / "s0.json")]) == 0  # fmt: skip
+    base = json.loads((tmp_path / "s0.json").read_text())
+    base["evaluation"]["collision_rate"], base["training"]["train_collisions_total"] = 0.5, 10
+
+    def variant(name, seed, collision_rate, collisions, **agent):
+        record = json.loads(json.dumps(base))
+        record["run"], record["seed"], record["config"]["seed"] = name, seed, seed
+        record["config"]["run_name"] = name
+        record["evaluation"]["collision_rate"], record["training"]["train_collisions_total"] = collision_rate, collisions
+        record["config"]["agent"].update(agent)
+        record["cvar_risk"] = record["config"]["agent"]["cvar_risk"]
+        return record
+
+    seed1 = variant("tiny_s1", 1, 0.25, 20)
+    del seed1["config"]["agent"]["bootstrap_terminations"]  # written before the field existed: its default
+    records = [base, seed1, variant("risky", 0, 1.0, 99, cvar_risk=0.8),
+               variant("ablation", 1, 0.0, 5, bootstrap_terminations=True)]  # fmt: skip
+    groups = results.seed_groups(records)
+    assert sorted([r["run"] for r in g] for g in groups) == [["ablation"], ["risky"], ["tiny", "tiny_s1"]]
+
+    files = []
+    for r in records:
+        files.append(tmp_path / f"{r['run']}.json")
+        files[-1].write_text(json.dumps(r))
+    capsys.readouterr()
+    assert results.main(["table", *map(str, files), "--mean-over-seeds"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 3 and lines[0].startswith("| preset | CVaR | transitions | seeds |")
+    (pair,) = [line for line in lines if "tiny, tiny_s1" in line]
+    assert "| 0, 1 |" in pair and "| 38% |" in pair and pair.endswith("| 15.0 |")
