@@ -43,6 +43,8 @@ class Run:
     preset: str
     cvar_risk: float
     metrics: list[dict]
+    final: dict | None = None
+    """A results file's own evaluation: `env_steps` and the evaluate.py summary."""
 
     @property
     def label(self) -> str:
@@ -106,6 +108,7 @@ def load_results_file(path: Path) -> Run:
         preset=record.get("preset", "?"),
         cvar_risk=float(record.get("cvar_risk", float("nan"))),
         metrics=record["curve"],
+        final={"env_steps": record.get("env_steps"), **record.get("evaluation", {})},
     )
 
 
@@ -141,19 +144,25 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
+    finals = False
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, panels in enumerate((TRAIN_PANELS, EVAL_PANELS)):
         for ax, (key, panel_title, ylabel, scale, smoothed) in zip(axes[row], panels):
             drawn = False
             for i, run in enumerate(runs):
+                color = colors[i % len(colors)]
                 steps, values = run.series(key)
-                if steps.size == 0:
-                    continue
-                if smoothed:
-                    values = moving_average(values, smooth)
-                style = {"marker": "o", "markersize": 4} if row == 1 else {}
-                ax.plot(steps, values * scale, color=colors[i % len(colors)], label=run.label, **style)
-                drawn = True
+                if steps.size:
+                    if smoothed:
+                        values = moving_average(values, smooth)
+                    style = {"marker": "o", "markersize": 4} if row == 1 else {}
+                    ax.plot(steps, values * scale, color=color, label=run.label, **style)
+                    drawn = True
+                final = run.final.get(key.removeprefix("eval/")) if row == 1 and run.final else None
+                if final is not None:
+                    ax.plot(run.final["env_steps"], final * scale, marker="*", markersize=14, color=color,
+                            markeredgecolor="black", linestyle="none")  # fmt: skip
+                    drawn = finals = True
             ax.set_title(panel_title)
             ax.set_xlabel("environment transitions")
             ax.set_ylabel(ylabel)
@@ -169,7 +178,8 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
     fig.suptitle(
         f"{title or presets}\n"
         f"Episode return: {window}; speed and collision rate: EMA (weight 0.01); "
-        f"evaluation: the periodic deterministic evaluations (--eval-episodes each)",
+        f"evaluation: the periodic deterministic evaluations (--eval-episodes each)"
+        + ("\n★: the results file's final evaluation by evaluate.py (stochastic actions)" if finals else ""),
         fontsize=12,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
