@@ -170,6 +170,8 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_thousands))
             if not drawn:
                 ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes[1]:  # evaluations are sparse: show them against the whole training
+        ax.set_xlim(axes[0, 0].get_xlim())
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), title="run (risk level)")
