@@ -4,7 +4,9 @@
     python -m racer_vec.plot results/a_120000.json results/b_120000.json   # from results files
 
 A results file (`racer_vec.results collect`) holds its run's curve up to the evaluated step, so
-committed figures can be redrawn without the run directories.
+committed figures can be redrawn without the run directories. Results files of the same run (say at
+120k and 240k transitions), with or without its run directory, are drawn as one line with a star
+for each file's evaluation.
 
 One figure, one line per run (labelled by run name and cvar_risk). Top row: training (episode
 return, speed, collision rate, cumulative collisions); bottom row: the periodic evaluations, where
@@ -43,8 +45,8 @@ class Run:
     preset: str
     cvar_risk: float
     metrics: list[dict]
-    final: dict | None = None
-    """A results file's own evaluation: `env_steps` and the evaluate.py summary."""
+    finals: tuple[dict, ...] = ()
+    """The results files' own evaluations: `env_steps` and the evaluate.py summary of each."""
 
     @property
     def label(self) -> str:
@@ -108,8 +110,26 @@ def load_results_file(path: Path) -> Run:
         preset=record.get("preset", "?"),
         cvar_risk=float(record.get("cvar_risk", float("nan"))),
         metrics=record["curve"],
-        final={"env_steps": record.get("env_steps"), **record.get("evaluation", {})},
+        finals=({"env_steps": record.get("env_steps"), **record.get("evaluation", {})},),
     )
+
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """One Run per run: a run given more than once (its directory and results files, or results
+    files at several steps) becomes one line with every final evaluation; a later source wins a
+    step both log. Runs that only share a name (another preset or risk level) stay apart."""
+    merged: dict[tuple, Run] = {}
+    for run in runs:
+        key = (run.name, run.preset, run.cvar_risk)
+        if key in merged:
+            first = merged[key]
+            by_step = {m["env_steps"]: m for m in (*first.metrics, *run.metrics)}
+            finals = {f["env_steps"]: f for f in (*first.finals, *run.finals)}
+            run = dataclasses.replace(
+                first, metrics=[by_step[s] for s in sorted(by_step)], finals=tuple(finals[s] for s in sorted(finals))
+            )
+        merged[key] = run
+    return list(merged.values())
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -144,7 +164,7 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
-    finals = False
+    stars = False
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, panels in enumerate((TRAIN_PANELS, EVAL_PANELS)):
         for ax, (key, panel_title, ylabel, scale, smoothed) in zip(axes[row], panels):
@@ -158,11 +178,12 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
                     style = {"marker": "o", "markersize": 4} if row == 1 else {}
                     ax.plot(steps, values * scale, color=color, label=run.label, **style)
                     drawn = True
-                final = run.final.get(key.removeprefix("eval/")) if row == 1 and run.final else None
-                if final is not None:
-                    ax.plot(run.final["env_steps"], final * scale, marker="*", markersize=14, color=color,
-                            markeredgecolor="black", linestyle="none")  # fmt: skip
-                    drawn = finals = True
+                for final in run.finals if row == 1 else ():
+                    value = final.get(key.removeprefix("eval/"))
+                    if value is not None:
+                        ax.plot(final["env_steps"], value * scale, marker="*", markersize=14, color=color,
+                                markeredgecolor="black", linestyle="none")  # fmt: skip
+                        drawn = stars = True
             ax.set_title(panel_title)
             ax.set_xlabel("environment transitions")
             ax.set_ylabel(ylabel)
@@ -181,7 +202,7 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
         f"{title or presets}\n"
         f"Episode return: {window}; speed and collision rate: EMA (weight 0.01); "
         f"evaluation: the periodic deterministic evaluations (--eval-episodes each)"
-        + ("\n★: the results file's final evaluation by evaluate.py (stochastic actions)" if finals else ""),
+        + ("\n★: a results file's evaluation by evaluate.py (stochastic actions)" if stars else ""),
         fontsize=12,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--smooth must be at least 1, got {args.smooth}")
         if args.output.suffix.lower() != ".png":
             raise ConfigError(f"--output {args.output}: must end in .png")
-        runs = [load_run(Path(d)) for d in args.runs]
+        runs = merge_runs([load_run(Path(d)) for d in args.runs])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -74,3 +74,24 @@ def test_a_run_without_metrics_is_one_line_and_exit_2(tmp_path, capsys, make, me
     assert code == 2
     assert err.count("\n") == 1 and message in err and str(target) in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_results_files_of_one_run_merge_into_one_line(tmp_path):
+    def results_file(name, run, cvar_risk, steps, collision_rate):
+        record = {"run": run, "preset": "highway_fast", "cvar_risk": cvar_risk, "env_steps": steps[-1],
+                  "evaluation": {"collision_rate": collision_rate},
+                  "curve": [{"env_steps": s, "speed_ema": s / 1000} for s in steps]}  # fmt: skip
+        (tmp_path / name).write_text(json.dumps(record))
+        return plot.load_run(tmp_path / name)
+
+    early = results_file("a_2.json", "a", 0.5, [1000, 2000], 0.25)
+    late = results_file("a_4.json", "a", 0.5, [1000, 2000, 3000, 4000], 0.0)
+    other = results_file("a_other.json", "a", 0.8, [1000], 1.0)  # same name, another risk level
+    runs = plot.merge_runs([late, other, early])
+    assert [(r.name, r.cvar_risk) for r in runs] == [("a", 0.5), ("a", 0.8)]
+    merged = runs[0]
+    assert list(merged.series("speed_ema")[0]) == [1000, 2000, 3000, 4000]
+    assert [(f["env_steps"], f["collision_rate"]) for f in merged.finals] == [(2000, 0.25), (4000, 0.0)]
+    assert plot.main([str(tmp_path / n) for n in ("a_4.json", "a_2.json", "a_other.json")]
+                     + ["--output", str(tmp_path / "merged.png")]) == 0  # fmt: skip
+    assert png_size(tmp_path / "merged.png")[0] >= 1600

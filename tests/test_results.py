@@ -47,7 +47,8 @@ def test_collect_and_table(tiny_run, evaluation, tmp_path, capsys):
     run = plot.load_run(output)
     assert run.label == "tiny (CVaR 0.5)"
     assert list(run.series("speed_ema")[0]) == [row["env_steps"] for row in record["curve"]]
-    assert run.final["env_steps"] == 200 and run.final["collision_rate"] == summary["collision_rate"]
+    (final,) = run.finals
+    assert final["env_steps"] == 200 and final["collision_rate"] == summary["collision_rate"]
     assert plot.plot_runs([run], tmp_path / "from_results.png").stat().st_size > 10_000
 
     capsys.readouterr()
