@@ -18,8 +18,9 @@ order (each is annotated with the method it replaces), so results are bit-identi
 close. That relies on two facts about numpy on the running machine, checked once per process by
 `numerics_are_exact` (the fast path turns itself off, with a warning, if they do not hold):
 numpy's transcendental ufuncs (tan, arctan, sin, cos, arcsin, power) give the same bits on arrays
-as on scalars, and `np.dot` of two 2-vectors is the plain `a0*b0 + a1*b1`. Anything the batched
-code does not model (other vehicle classes, road objects, curved or several roads, connected-lane
+as on scalars, and `np.dot` of two 2-vectors is what `dot2` computes (the plain `a0*b0 + a1*b1`,
+or `fma(a1, b1, a0*b0)` where the BLAS fuses it, as OpenBLAS does on AVX-512 CPUs). Anything the
+batched code does not model (other vehicle classes, road objects, curved or several roads, connected-lane
 neighbour search, trajectory history, a vehicle at the end of its lane, other observation
 settings, a non-ContinuousAction ego) falls back to the stock highway-env method for that call,
 so the fast ids are exact whatever the config.
@@ -134,6 +135,57 @@ _IDM_CONSTANTS = frozenset(
 _BROAD_PHASE_SLACK = 1e-6
 
 
+def _two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`a*b` rounded and its exact rounding error (Dekker's product; finite, non-extreme inputs)."""
+    product = a * b
+    split = 134217729.0  # 2**27 + 1
+    ta, tb = split * a, split * b
+    a_hi, b_hi = ta - (ta - a), tb - (tb - b)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return product, ((a_hi * b_hi - product) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`a+b` rounded and its exact rounding error (Knuth's sum)."""
+    total = a + b
+    b_virtual = total - a
+    return total, (a - (total - b_virtual)) + (b - b_virtual)
+
+
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """`a*b + c` with one rounding, like the FMA instruction (numpy has no fma ufunc).
+
+    Boldo and Melquiond's emulation (IEEE Trans. Computers 57(4), 2008): with `a*b = uh + ul` and
+    `c + uh = th + tl` exactly, `fma = round(th + round_to_odd(tl + ul))`.
+    """
+    uh, ul = _two_product(a, b)
+    th, tl = _two_sum(c, uh)
+    v, error = _two_sum(tl, ul)
+    even = (v.view(np.int64) & 1) == 0
+    v = np.where((error != 0) & even, np.nextafter(v, np.where(error > 0, np.inf, -np.inf)), v)
+    return th + v
+
+
+@functools.cache
+def _dot_is_fused() -> bool:
+    """Whether `np.dot` of two float64 2-vectors is `fma(a1, b1, a0*b0)` here, not `a0*b0 + a1*b1`.
+
+    It is the BLAS's choice: OpenBLAS's ddot kernel for AVX-512 CPUs fuses, its AVX2 kernel
+    does not (both seen on the machines this project runs on).
+    """
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.0, 30.0, (256, 2)), rng.normal(0.0, 1.0, (256, 2))
+    blas = np.array([np.dot(u, v) for u, v in zip(a, b)])
+    return bool(np.array_equal(blas, _fma(a[:, 1], b[:, 1], a[:, 0] * b[:, 0])))
+
+
+def dot2(a0, b0, a1, b1) -> np.ndarray:
+    """`np.dot((a0, a1), (b0, b1))` elementwise, with the running BLAS's rounding."""
+    if _dot_is_fused():
+        return _fma(np.asarray(a1, dtype=np.float64), np.asarray(b1, dtype=np.float64), a0 * b0)
+    return a0 * b0 + a1 * b1
+
+
 @functools.cache
 def numerics_are_exact() -> bool:
     """Whether numpy on this machine gives what the batched formulas assume (see module doc).
@@ -151,7 +203,7 @@ def numerics_are_exact() -> bool:
     ]
     checks.append((np.power(np.abs(x), exponent), [np.power(u, e) for u, e in zip(np.abs(x), exponent)]))
     checks.append((np.power(x, 2), [np.power(v, 2) for v in x]))
-    checks.append((a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1], [np.dot(u, v) for u, v in zip(a, b)]))
+    checks.append((dot2(a[:, 0], b[:, 0], a[:, 1], b[:, 1]), [np.dot(u, v) for u, v in zip(a, b)]))
     exact = all(np.array_equal(batched, np.array(scalar)) for batched, scalar in checks)
     if not exact:
         warnings.warn(
@@ -221,8 +273,8 @@ class _Lanes:
         """(longitudinal, lateral) of points (N,) on every lane: two (N, K) arrays."""
         dx = x[:, None] - self.start[None, :, 0]
         dy = y[:, None] - self.start[None, :, 1]
-        longitudinal = dx * self.direction[:, 0] + dy * self.direction[:, 1]
-        lateral = dx * self.direction_lateral[:, 0] + dy * self.direction_lateral[:, 1]
+        longitudinal = dot2(dx, self.direction[:, 0], dy, self.direction[:, 1])
+        lateral = dot2(dx, self.direction_lateral[:, 0], dy, self.direction_lateral[:, 1])
         return longitudinal, lateral
 
     def on_lane(self, longitudinal: np.ndarray, lateral: np.ndarray, margin: float) -> np.ndarray:
@@ -334,10 +386,10 @@ class _Scene:
         return np.where(ahead.any(axis=1), front, -1), np.where(behind.any(axis=1), rear, -1)
 
     def desired_gap(self, ego: np.ndarray, front: np.ndarray) -> np.ndarray:
-        """`IDMVehicle.desired_gap(ego, front)` (projected): np.dot of 2-vectors, written out."""
+        """`IDMVehicle.desired_gap(ego, front)` (projected): a np.dot of 2-vectors."""
         c = IDMVehicle
         ab = -c.COMFORT_ACC_MAX * c.COMFORT_ACC_MIN
-        dv = (self.vx[ego] - self.vx[front]) * self.cos_h[ego] + (self.vy[ego] - self.vy[front]) * self.sin_h[ego]
+        dv = dot2(self.vx[ego] - self.vx[front], self.cos_h[ego], self.vy[ego] - self.vy[front], self.sin_h[ego])
         speed = self.speed[ego]
         return c.DISTANCE_WANTED + speed * c.TIME_WANTED + speed * dv / (2 * np.sqrt(ab))
 
@@ -389,7 +441,7 @@ class _Scene:
     def close_indices(self, i: int, distance: float, count: int | None, see_behind: bool, sort: bool) -> np.ndarray:
         """`Road.close_objects_to(vehicles[i], ...)` on a road without objects, as indices."""
         dx, dy = self.x - self.x[i], self.y - self.y[i]
-        near = np.sqrt(dx * dx + dy * dy) < distance  # np.linalg.norm = sqrt(x.dot(x))
+        near = np.sqrt(dot2(dx, dx, dy, dy)) < distance  # np.linalg.norm = sqrt(x.dot(x))
         near[i] = False
         lane = self.lane[i]
         lane_distance = self.long[:, lane] - self.long[i, lane]  # vehicles[i].lane_distance_to(v)

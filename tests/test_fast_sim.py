@@ -101,6 +101,18 @@ def test_numpy_gives_what_the_batched_formulas_assume():
     assert fast_sim.numerics_are_exact()
 
 
+def test_fma_emulation_rounds_once():
+    from fractions import Fraction
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.0, 1.0, (4000, 3)) * 10.0 ** rng.integers(-4, 4, (4000, 3))
+    values[:500, 0] = 0.0
+    values[500:1000, 2] = -values[500:1000, 0] * values[500:1000, 1]  # exact cancellation
+    fused = fast_sim._fma(values[:, 0], values[:, 1], values[:, 2])
+    exact = [float(Fraction(a) * Fraction(b) + Fraction(c)) for a, b, c in values]
+    np.testing.assert_array_equal(fused, exact)
+
+
 def test_ids_are_registered_and_build_the_fast_road():
     assert fast_sim.FAST_SIM_IDS == {
         "highway_env:highway-v0": "racer_vec.fast_sim:fast-highway-v0",
