@@ -20,10 +20,10 @@ close. That relies on two facts about numpy on the running machine, checked once
 numpy's transcendental ufuncs (tan, arctan, sin, cos, arcsin, power) give the same bits on arrays
 as on scalars, and `np.dot` of two 2-vectors is what `dot2` computes (the plain `a0*b0 + a1*b1`,
 or `fma(a1, b1, a0*b0)` where the BLAS fuses it, as OpenBLAS does on AVX-512 CPUs). Anything the
-batched code does not model (other vehicle classes, road objects, curved or several roads, connected-lane
-neighbour search, trajectory history, a vehicle at the end of its lane, other observation
-settings, a non-ContinuousAction ego) falls back to the stock highway-env method for that call,
-so the fast ids are exact whatever the config.
+batched code does not model (other vehicle classes, road objects, curved or several roads,
+connected-lane neighbour search, trajectory history, a vehicle at the end of its lane, other
+observation settings, a non-ContinuousAction ego) falls back to the stock highway-env method for
+that call, so the fast ids are exact whatever the config.
 
 The env ids `fast-highway-v0` / `fast-highway-fast-v0` are registered with gymnasium when this
 module is imported; `FAST_SIM_IDS` maps the stock ids to them. No JAX here (workers import it).
