@@ -189,6 +189,8 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_thousands))
+            if drawn and scale == 100.0:
+                ax.set_ylim(*percent_limits(*ax.get_ylim()))
             if not drawn:
                 ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes)
     for ax in axes[1]:  # evaluations are sparse: show them against the whole training
@@ -209,6 +211,16 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
     fig.savefig(output, dpi=100)
     plt.close(fig)
     return output
+
+
+def percent_limits(lo: float, hi: float, min_span: float = 10.0, pad: float = 1.0) -> tuple[float, float]:
+    """y-limits of a rate panel: inside 0-100% (plus `pad` so markers on the bounds show) and at
+    least `min_span` points tall, so that a flat 0% or 100% does not get ticks like -0.04% or 104%."""
+    lo, hi = max(lo, 0.0), min(hi, 100.0)
+    if hi - lo < min_span:
+        lo = min(max((lo + hi - min_span) / 2, 0.0), 100.0 - min_span)
+        hi = lo + min_span
+    return lo - pad, hi + pad
 
 
 def _thousands(x: float, _pos) -> str:

@@ -95,3 +95,16 @@ def test_results_files_of_one_run_merge_into_one_line(tmp_path):
     assert plot.main([str(tmp_path / n) for n in ("a_4.json", "a_2.json", "a_other.json")]
                      + ["--output", str(tmp_path / "merged.png")]) == 0  # fmt: skip
     assert png_size(tmp_path / "merged.png")[0] >= 1600
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ((-0.04, 0.04), (-1.0, 11.0)),  # a flat 0%: no negative rates
+        ((96.0, 104.0), (89.0, 101.0)),  # a flat 100%: nothing above 100%
+        ((2.0, 40.0), (1.0, 41.0)),  # a real range is kept
+        ((-5.0, 120.0), (-1.0, 101.0)),
+    ],
+)
+def test_rate_panels_stay_within_0_and_100_percent(data, expected):
+    assert plot.percent_limits(*data) == pytest.approx(expected)
