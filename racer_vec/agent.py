@@ -113,6 +113,23 @@ def _agent_builder(cfg: AgentConfig, obs_dim: int):
     return jax.jit(functools.partial(_build_agent, cfg, obs_dim), out_shardings=replay.replicated_sharding())
 
 
+def reset_agent(cfg: AgentConfig, obs_dim: int, agent: RacerAgent) -> RacerAgent:
+    """The release's reset (SPEC 11): every train state but the temperature re-initialized, with
+    fresh optimizer states, from the agent's own key stream (so a resumed run resets identically);
+    the temperature and the update count carry over."""
+    return _agent_resetter(cfg, obs_dim)(agent)
+
+
+@functools.cache
+def _agent_resetter(cfg: AgentConfig, obs_dim: int):
+    def reset(agent: RacerAgent) -> RacerAgent:
+        key, k_init = jax.random.split(jax.random.wrap_key_data(agent.key, impl=RNG_IMPL))
+        fresh = _build_agent(cfg, obs_dim, jax.random.key_data(k_init))
+        return fresh.replace(temperature=agent.temperature, key=jax.random.key_data(key), updates=agent.updates)
+
+    return jax.jit(reset, out_shardings=replay.replicated_sharding())
+
+
 def _build_agent(cfg: AgentConfig, obs_dim: int, key_data) -> RacerAgent:
     key = jax.random.wrap_key_data(key_data, impl=RNG_IMPL)
     k_actor, k_critic, k_updates = jax.random.split(key, 3)

@@ -209,6 +209,9 @@ class TrainConfig:
     """Replay buffer capacity (transitions)."""
     updates_per_iteration: int | None = None
     """Agent updates per vector step; None: num_envs (one update per collected transition)."""
+    reset_interval: int = 0
+    """Every this many vector steps, while below 80% of max_steps, re-initialize every agent train
+    state but the temperature, keeping the buffer, as the public release does (SPEC 11); 0: never."""
     seed: int = 0
     run_name: str | None = None
     """Run directory name under runs_dir; None: <preset>_<seed>_<timestamp>."""
@@ -296,6 +299,7 @@ def validate(cfg: TrainConfig) -> None:
         "--start-training": cfg.start_training,
         "--eval-interval": cfg.eval_interval,
         "--env.max-offroad-steps": cfg.env.max_offroad_steps,
+        "--reset-interval": cfg.reset_interval,
     }.items():
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")

@@ -56,6 +56,13 @@ class ProgressDisplay:
             parts.append(f"eval_return {record['eval/mean_return']:.2f}")
         print("  ".join(parts), flush=True)
 
+    def message(self, text: str) -> None:
+        """A line of its own, above the bar on a terminal."""
+        if self.progress is not None:
+            self.progress.console.print(text)
+        else:
+            print(text, flush=True)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from racer_vec import envs as env_layer
-from racer_vec.agent import create_agent, make_learner
+from racer_vec.agent import create_agent, make_learner, reset_agent
 from racer_vec.checkpoints import Checkpointer
 from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig, to_dict
 from racer_vec.evaluation import Evaluator
@@ -49,6 +49,8 @@ class Counters:
     episodes_total: int = 0
     train_collisions_total: int = 0
     offroad_terminations_total: int = 0
+    resets_total: int = 0
+    """Agent re-initializations by the reset schedule (SPEC 11)."""
     speed_ema: float | None = None
     collision_ema: float | None = None
     wall_time: float = 0.0
@@ -223,6 +225,10 @@ class Trainer:
                 c.wall_time += now - tick
                 tick = now
                 before = c.env_steps - cfg.num_envs
+                if self._reset_due():
+                    self.agent = reset_agent(cfg.agent, self.obs_dim, self.agent)
+                    c.resets_total += 1
+                    display.message(f"reset the agent (all but the temperature) at {c.env_steps} env steps")
                 if _crossed(before, c.env_steps, cfg.eval_interval):
                     self._evaluate()
                 if _crossed(before, c.env_steps, cfg.log_interval):
@@ -247,6 +253,12 @@ class Trainer:
             display.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _reset_due(self) -> bool:
+        """The release's schedule (SPEC 11): at every reset_interval-th vector step below 80% of max_steps."""
+        cfg, c = self.cfg, self.counters
+        vector_step = c.env_steps // cfg.num_envs
+        return cfg.reset_interval > 0 and vector_step % cfg.reset_interval == 0 and c.env_steps < 0.8 * cfg.max_steps
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
@@ -331,6 +343,7 @@ class Trainer:
             "train_collisions_total": c.train_collisions_total,
             "offroad_terminations_total": c.offroad_terminations_total,
             "episodes_total": c.episodes_total,
+            "resets_total": c.resets_total,
             "wall_time": c.wall_time,
             **self._learner_metrics(),
             **self.tracker.pop_means(),

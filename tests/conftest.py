@@ -34,6 +34,8 @@ TINY_ARGS = (
     "--keep-checkpoints", "5",
     "--eval-interval", "200",
     "--eval-episodes", "2",
+    # the release's reset schedule, scaled down: resets at 120 and 240 env steps, none from 320 (80%)
+    "--reset-interval", "60",
 )
 
 

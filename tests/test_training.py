@@ -19,7 +19,7 @@ from racer_vec.config import TrainConfig, from_dict
 
 METRIC_KEYS = {
     "env_steps", "updates", "sps", "critic_loss", "speed_ema", "collision_ema", "train_collisions_total",
-    "offroad_terminations_total", "episodes_total", "wall_time", "critic_utd", "buffer_size",
+    "offroad_terminations_total", "episodes_total", "wall_time", "critic_utd", "buffer_size", "resets_total",
 }
 
 
@@ -57,6 +57,7 @@ def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
     after = rows[-1]
     assert rows[-2] == before and after["env_steps"] == 500
     assert after["updates"] == before["updates"] + 50  # buffer restored: no refill pause
+    assert after["resets_total"] == before["resets_total"] == 2  # 480 is past 80% of 500: no reset
     assert after["episodes_total"] >= before["episodes_total"]
     assert after["wall_time"] > before["wall_time"]
 
@@ -78,6 +79,35 @@ def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
         assert int(trainer.buffer.size) == 400
     finally:
         trainer.close()
+
+
+def _adam_counts(run_dir, step):
+    """Adam step counts of the actor, critic and temperature, and the agent's update count."""
+    import orbax.checkpoint as ocp
+
+    agent = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "agent")
+    counts = {name: int(agent[name]["opt_state"][0]["count"]) for name in ("actor", "critic", "temperature")}
+    return {**counts, "updates": int(agent["updates"])}
+
+
+def test_reset_schedule_reinitializes_and_a_resumed_run_does_not_reset_again(tiny_run, tmp_path):
+    """SPEC 11 at the tiny scale: resets at vector steps 60 and 120 (env steps 120 and 240), none at
+    180 (360 is past 80% of 400). Updates run from 100 env steps, one per vector step."""
+    assert [r["resets_total"] for r in _metrics(tiny_run)] == [0, 1, 2, 2]
+    # at 200: 50 updates, 40 of them since the reset at 120 (2 critic steps each); the temperature's
+    # Adam state was kept
+    assert _adam_counts(tiny_run, 200) == {"actor": 40, "critic": 80, "temperature": 50, "updates": 50}
+    assert _adam_counts(tiny_run, 400) == {"actor": 80, "critic": 160, "temperature": 150, "updates": 150}
+
+    # Resumed after the first reset point: only the second reset happens, at the same step.
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "400")
+    result = run_train("--resume", str(run_dir), "--max-steps", "400", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("reset the agent") == 1 and "at 240 env steps" in result.stdout
+    assert _metrics(run_dir)[-1]["resets_total"] == 2
+    assert _adam_counts(run_dir, 400) == _adam_counts(tiny_run, 400)
 
 
 def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
