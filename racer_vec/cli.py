@@ -13,7 +13,7 @@ from pathlib import Path
 import tyro
 
 import configs
-from racer_vec.config import ConfigError, TrainConfig, from_dict, resolve
+from racer_vec.config import ConfigError, TrainConfig, flag_name, from_dict, resolve
 
 # Flags that may differ from the saved config when resuming (SPEC 7).
 RESUME_MUTABLE = frozenset(
@@ -26,6 +26,7 @@ RESUME_MUTABLE = frozenset(
         "eval_interval",
         "eval_episodes",
         "save_buffer",
+        "max_worker_restarts",
     }
 )
 
@@ -51,10 +52,6 @@ def parse_cli(default_preset_argv: list[str], description: str) -> TrainConfig:
         description=description,
         config=(tyro.conf.CascadeSubcommandArgs,),
     )
-
-
-def flag_name(path: str) -> str:
-    return "--" + path.replace("_", "-")
 
 
 def _resume_path(argv: list[str]) -> str | None:

@@ -209,6 +209,8 @@ class TrainConfig:
     """Replay buffer capacity (transitions)."""
     updates_per_iteration: int | None = None
     """Agent updates per vector step; None: num_envs (one update per collected transition)."""
+    max_worker_restarts: int = 3
+    """Env worker faults a run survives by replacing its workers (SPEC 10); one more stops it."""
     reset_interval: int = 0
     """Every this many vector steps, while below 80% of max_steps, re-initialize every agent train
     state but the temperature, keeping the buffer, as the public release does (SPEC 11); 0: never."""
@@ -270,7 +272,41 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _numbers(obj, prefix: str = ""):
+    """(flag, value) of every number in a config, tuples and nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        flag = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{flag}.")
+        elif isinstance(value, tuple):
+            yield from ((flag, v) for v in value if isinstance(v, (int, float)))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield flag, value
+
+
+def flag_name(path: str) -> str:
+    return "--" + path.replace("_", "-")
+
+
+def check_finite(cfg) -> None:
+    """NaN and infinity parse as floats, and no field means anything with them."""
+    for path, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag_name(path)} must be a finite number, got {value}")
+
+
+def _check_bounds(bounds: dict[str, tuple[object, str]]) -> None:
+    """`bounds`: flag -> (value, rule); rules are "> 0", ">= 0"."""
+    for flag, (value, rule) in bounds.items():
+        ok = value > 0 if rule == "> 0" else value >= 0
+        if not ok:
+            raise ConfigError(f"{flag} must be {'positive' if rule == '> 0' else '>= 0'}, got {value}")
+
+
 def validate(cfg: TrainConfig) -> None:
+    check_finite(cfg)
+    env, reward, agent = cfg.env, cfg.reward, cfg.agent
     positive = {
         "--num-envs": cfg.num_envs,
         "--max-steps": cfg.max_steps,
@@ -282,42 +318,59 @@ def validate(cfg: TrainConfig) -> None:
         "--checkpoint-interval": cfg.checkpoint_interval,
         "--keep-checkpoints": cfg.keep_checkpoints,
         "--eval-episodes": cfg.eval_episodes,
-        "--agent.num-qs": cfg.agent.num_qs,
-        "--agent.num-atoms": cfg.agent.num_atoms,
-        "--agent.pointnet-dim": cfg.agent.pointnet_dim,
-        "--env.observed-vehicles": cfg.env.observed_vehicles,
-        "--env.vehicles-count": cfg.env.vehicles_count,
-        "--env.lanes-count": cfg.env.lanes_count,
-        "--env.duration": cfg.env.duration,
-        "--env.simulation-frequency": cfg.env.simulation_frequency,
-        "--env.policy-frequency": cfg.env.policy_frequency,
+        "--agent.num-qs": agent.num_qs,
+        "--agent.num-atoms": agent.num_atoms,
+        "--agent.pointnet-dim": agent.pointnet_dim,
+        # log 0: the run would stop as non-finite after its warm-up
+        "--agent.init-temperature": agent.init_temperature,
+        "--agent.q-entropy-lagrange-init": agent.q_entropy_lagrange_init,
+        "--env.observed-vehicles": env.observed_vehicles,
+        "--env.vehicles-count": env.vehicles_count,
+        "--env.lanes-count": env.lanes_count,
+        "--env.vehicles-density": env.vehicles_density,
+        "--env.ego-spacing": env.ego_spacing,
+        "--env.duration": env.duration,
+        "--env.simulation-frequency": env.simulation_frequency,
+        "--env.policy-frequency": env.policy_frequency,
+        "--reward.critical-ttc": reward.critical_ttc,
+        "--reward.proximity": reward.proximity,
+        "--reward.cone-half-angle": reward.cone_half_angle,
     }
-    for flag, value in positive.items():
-        if value is None or value <= 0:
-            raise ConfigError(f"{flag} must be positive, got {value}")
-    for flag, value in {
+    non_negative = {
         "--start-training": cfg.start_training,
         "--eval-interval": cfg.eval_interval,
-        "--env.max-offroad-steps": cfg.env.max_offroad_steps,
         "--reset-interval": cfg.reset_interval,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"{flag} must be >= 0, got {value}")
-    if any(h <= 0 for h in cfg.agent.hidden_dims) or not cfg.agent.hidden_dims:
-        raise ConfigError(f"--agent.hidden-dims must be positive sizes, got {cfg.agent.hidden_dims}")
-    if cfg.agent.num_atoms < 2:
-        raise ConfigError(f"--agent.num-atoms must be at least 2, got {cfg.agent.num_atoms}")
-    for flag, risk in (("--agent.cvar-risk", cfg.agent.cvar_risk), ("--agent.cvar-limits", cfg.agent.cvar_limits)):
+        "--max-worker-restarts": cfg.max_worker_restarts,
+        # numpy and highway-env take seeds >= 0 only
+        "--seed": cfg.seed,
+        "--eval-seed": cfg.eval_seed,
+        "--env.max-offroad-steps": env.max_offroad_steps,
+        "--reward.safety-coeff": reward.safety_coeff,
+        # a zero learning rate or weight decay is a valid ablation (that part stays frozen)
+        "--agent.actor-lr": agent.actor_lr,
+        "--agent.critic-lr": agent.critic_lr,
+        "--agent.temp-lr": agent.temp_lr,
+        "--agent.limits-lr": agent.limits_lr,
+        "--agent.q-entropy-lagrange-lr": agent.q_entropy_lagrange_lr,
+        "--agent.critic-weight-decay": agent.critic_weight_decay,
+        "--agent.limits-weight-decay": agent.limits_weight_decay,
+    }
+    _check_bounds({**{k: (v, "> 0") for k, v in positive.items()}, **{k: (v, ">= 0") for k, v in non_negative.items()}})
+    if any(h <= 0 for h in agent.hidden_dims) or not agent.hidden_dims:
+        raise ConfigError(f"--agent.hidden-dims must be positive sizes, got {agent.hidden_dims}")
+    if agent.num_atoms < 2:
+        raise ConfigError(f"--agent.num-atoms must be at least 2, got {agent.num_atoms}")
+    for flag, risk in (("--agent.cvar-risk", agent.cvar_risk), ("--agent.cvar-limits", agent.cvar_limits)):
         if risk is not None and not 0.0 <= risk < 1.0:
             raise ConfigError(f"{flag} must be in [0, 1), got {risk}")
-    if cfg.agent.q_min >= cfg.agent.q_max:
-        raise ConfigError(f"--agent.q-min ({cfg.agent.q_min}) must be below --agent.q-max ({cfg.agent.q_max})")
-    if not 0.0 < cfg.agent.init_limit <= 1.0:
-        raise ConfigError(f"--agent.init-limit must be in (0, 1], got {cfg.agent.init_limit}")
-    if not 0.0 <= cfg.agent.discount <= 1.0:
-        raise ConfigError(f"--agent.discount must be in [0, 1], got {cfg.agent.discount}")
-    if not 0.0 < cfg.agent.tau <= 1.0:
-        raise ConfigError(f"--agent.tau must be in (0, 1], got {cfg.agent.tau}")
+    if agent.q_min >= agent.q_max:
+        raise ConfigError(f"--agent.q-min ({agent.q_min}) must be below --agent.q-max ({agent.q_max})")
+    if not 0.0 < agent.init_limit <= 1.0:
+        raise ConfigError(f"--agent.init-limit must be in (0, 1], got {agent.init_limit}")
+    if not 0.0 <= agent.discount <= 1.0:
+        raise ConfigError(f"--agent.discount must be in [0, 1], got {agent.discount}")
+    if not 0.0 < agent.tau <= 1.0:
+        raise ConfigError(f"--agent.tau must be in (0, 1], got {agent.tau}")
     collected = max(cfg.start_training, cfg.num_envs)
     if cfg.batch_size > collected:
         raise ConfigError(
@@ -326,11 +379,20 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.buffer_size < cfg.num_envs:
         raise ConfigError(f"--buffer-size ({cfg.buffer_size}) must hold at least --num-envs transitions")
-    lo, hi = cfg.reward.speed_range
-    if not lo < hi:
-        raise ConfigError(f"--reward.speed-range must be increasing, got {cfg.reward.speed_range}")
-    lo, hi = cfg.env.reward_speed_range
-    if not lo < hi:
-        raise ConfigError(f"--env.reward-speed-range must be increasing, got {cfg.env.reward_speed_range}")
-    if not cfg.reward.critical_ttc < cfg.reward.warning_ttc:
+    if env.policy_frequency > env.simulation_frequency:
+        raise ConfigError(
+            f"--env.policy-frequency ({env.policy_frequency}) must not exceed --env.simulation-frequency "
+            f"({env.simulation_frequency}): the simulator steps at least once per action"
+        )
+    for flag, (lo, hi) in (("--reward.speed-range", reward.speed_range), ("--env.reward-speed-range", env.reward_speed_range)):
+        if not lo < hi:
+            raise ConfigError(f"{flag} must be increasing, got {(lo, hi)}")
+    if env.normalize_reward and env.high_speed_reward + env.right_lane_reward - env.collision_reward <= 0:
+        raise ConfigError(
+            "--env.normalize-reward maps [--env.collision-reward, --env.high-speed-reward + --env.right-lane-reward] "
+            "onto [0, 1]: that range must be increasing"
+        )
+    if not reward.critical_ttc < reward.warning_ttc:
         raise ConfigError("--reward.critical-ttc must be below --reward.warning-ttc")
+    if reward.cone_half_angle > math.pi:
+        raise ConfigError(f"--reward.cone-half-angle must be at most pi, got {reward.cone_half_angle}")

@@ -253,6 +253,9 @@ def make_vector_env(
         if wrapper is not None:
             preload.append(wrapper.__module__)
         multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+    # The driver reports worker faults itself, in one line (SPEC 10); gymnasium would also log
+    # each one with the worker's traceback, and warn when a faulted vector env is closed.
+    gym.logger.min_level = gym.logger.ERROR + 1
     env_fns = [
         functools.partial(_worker_env, env_cfg, seed + i, i, render_mode, wrapper) for i in range(num_envs)
     ]
@@ -289,8 +292,49 @@ def final_observations(next_obs: np.ndarray, infos: dict) -> np.ndarray:
     return real
 
 
+WORKER_ERRORS = (EnvWorkerError, EOFError, BrokenPipeError, ConnectionResetError)
+"""What a worker's raise (rewrapped by gymnasium) or death looks like in the driver."""
+
+
+class WorkerFault(Exception):
+    """A vector-env call failed because a worker raised or died (SPEC 10); `env_index` is None when
+    it could not be found. Not a RuntimeError: only these are worker faults, and an error of the
+    driver's own code keeps its traceback."""
+
+    def __init__(self, env_index: int | None, cause: BaseException, exitcode: int | None = None):
+        super().__init__(env_index, cause)
+        self.env_index = env_index
+        self.cause = cause
+        self.exitcode = exitcode
+        self.episode: int | None = None
+        """The evaluation episode the worker was running, where one was (set by the evaluator)."""
+
+    def describe(self, role: str = "env worker") -> str:
+        where = f"{role} {self.env_index}" if self.env_index is not None else f"an {role}"
+        if self.episode is not None:
+            where += f" (episode {self.episode})"
+        lines = str(self.cause).strip().splitlines()
+        detail = lines[-1][:300] if lines else ""
+        if self.exitcode is not None and self.exitcode < 0:
+            detail = f"killed by signal {-self.exitcode}" + (f"; {detail}" if detail else "")
+        return f"{where} failed ({type(self.cause).__name__}{': ' + detail if detail else ''})"
+
+
+def vector_call(envs: AsyncVectorEnv, call: Callable, *args, **kwargs):
+    """`call(*args, **kwargs)` on a vector env; a worker's raise or death becomes WorkerFault."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:
+        # gymnasium drops the pipe of a worker whose raise it rewraps, whatever the error's type
+        if not isinstance(exc, WORKER_ERRORS) and all(pipe is not None for pipe in envs.parent_pipes):
+            raise
+        index = find_failed_worker(envs, exc)
+        exitcode = envs.processes[index].exitcode if index is not None else None
+        raise WorkerFault(index, exc, exitcode) from exc
+
+
 def find_failed_worker(envs: AsyncVectorEnv, exc: BaseException) -> int | None:
-    """The index of the worker behind `exc` raised by a vector env call, or None if not a worker fault.
+    """The index of the worker behind `exc` raised by a vector env call, or None if not found.
 
     A raise in a worker arrives rewrapped by gymnasium (an EnvWorkerError keeps its index, and
     gymnasium drops the faulty worker's pipe); a dead worker shows up as EOFError (mid-step),
@@ -304,13 +348,26 @@ def find_failed_worker(envs: AsyncVectorEnv, exc: BaseException) -> int | None:
     if isinstance(exc, (EOFError, BrokenPipeError, ConnectionResetError)):
         deadline = time.monotonic() + DEAD_WORKER_POLL_S
         while True:
-            dead = [i for i, p in enumerate(envs.processes) if p.exitcode is not None]
+            dead = dead_workers(envs)
             if dead or time.monotonic() > deadline:
                 return dead[0] if dead else None
             time.sleep(0.005)
     return None
 
 
+def dead_workers(envs: AsyncVectorEnv) -> list[int]:
+    return [i for i, p in enumerate(envs.processes) if p.exitcode is not None]
+
+
 def close_vector_env(envs: AsyncVectorEnv, *, faulted: bool) -> None:
-    """Close the workers; after a worker fault or an abandoned step a plain close() hangs or raises."""
+    """Close the workers; after a worker fault or an abandoned step a plain close() hangs or raises.
+
+    Faulted, the live workers are killed first: `close(terminate=True)` sends SIGTERM and then
+    joins, which waits forever for a worker stuck in a step.
+    """
+    faulted = faulted or bool(dead_workers(envs))  # a worker may have died since the last call
+    if faulted:
+        for process in envs.processes:
+            if process.is_alive():
+                process.kill()
     envs.close(terminate=faulted)

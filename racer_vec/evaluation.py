@@ -25,7 +25,9 @@ from gymnasium.vector import AutoresetMode
 
 import configs
 from racer_vec import envs as env_layer
-from racer_vec.config import ACTION_DIM, ConfigError, EnvConfig, RewardParams, TrainConfig, resolve, to_dict
+from racer_vec.config import (
+    ACTION_DIM, ConfigError, EnvConfig, RewardParams, TrainConfig, check_finite, resolve, to_dict,
+)  # fmt: skip
 from racer_vec.rewards import training_reward
 from racer_vec.video import FrameStats, VideoRecorder, configure_headless
 
@@ -34,6 +36,8 @@ SAFETY_RISK_THRESHOLD = -0.5
 """A step violates safety when its collision risk is below this, or when the ego is offroad."""
 METRICS_FILE = "evaluation_metrics.json"
 RULE = "=" * 50
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Both stop a run or an evaluation cleanly: Ctrl-C, and a scheduler's preemption (SPEC 10)."""
 
 class EvaluationInterrupted(Exception):
     """`should_stop` asked to stop; raised between vector steps, so the workers close cleanly."""
@@ -271,7 +275,7 @@ class Evaluator:
                 if should_stop is not None and should_stop():
                     raise EvaluationInterrupted
                 actions = padded_actions(policy, obs, np.maximum(episode_ids, 0), acc.length.copy())
-                obs, env_reward, terminated, truncated, infos = self.envs.step(actions)
+                obs, env_reward, terminated, truncated, infos = env_layer.vector_call(self.envs, self.envs.step, actions)
                 values = env_layer.step_values(infos, n)
                 rewards = training_reward(obs, env_reward, values["rewards"], values["offroad"], self.reward_params)
                 acc.add(env_reward, values, rewards)
@@ -287,6 +291,11 @@ class Evaluator:
                         on_episode(records[k])
                 episode_ids[done] = -1
                 needs_episode = done
+        except env_layer.WorkerFault as fault:
+            if fault.env_index is not None and episode_ids[fault.env_index] >= 0:
+                fault.episode = int(episode_ids[fault.env_index])
+            self.faulted = True
+            raise
         except BaseException as exc:
             # a failed or abandoned step leaves the workers in a state a plain close() hangs on
             self.faulted = not isinstance(exc, EvaluationInterrupted)
@@ -301,7 +310,7 @@ class Evaluator:
             self.envs.set_attr("filming", [bool(0 <= k < num_filmed) for k in episode_ids])
         # Python ints (a numpy int kills the worker); a fresh options dict (reset pops reset_mask)
         seeds = [int(seed + episode_ids[i]) if mask[i] else None for i in range(n)]
-        reset_obs, infos = self.envs.reset(seed=seeds, options={"reset_mask": mask})
+        reset_obs, infos = env_layer.vector_call(self.envs, self.envs.reset, seed=seeds, options={"reset_mask": mask})
         acc.reset(mask)
         if num_filmed:
             for i in np.flatnonzero(mask & infos.get("_frame", np.zeros(n, dtype=bool))):
@@ -332,10 +341,20 @@ class Evaluator:
             )
             recorder.add_frame(int(episode_ids[i]), infos["frame"][i], stats)
 
-    def evaluate(self, policy_on_obs: Callable[[np.ndarray], np.ndarray], num_episodes: int, seed: int) -> dict:
+    def evaluate(
+        self,
+        policy_on_obs: Callable[[np.ndarray], np.ndarray],
+        num_episodes: int,
+        seed: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict:
         """Summary of deterministic episodes for periodic evaluation during training."""
-        episodes = self.run(lambda obs, _ids, _steps: policy_on_obs(obs), num_episodes, seed)
+        episodes = self.run(lambda obs, _ids, _steps: policy_on_obs(obs), num_episodes, seed, should_stop=should_stop)
         return summarize(episodes)
+
+    def dead_workers(self) -> list[int]:
+        """Workers that died since the last evaluation (found before the next one needs them)."""
+        return env_layer.dead_workers(self.envs)
 
     def close(self) -> None:
         env_layer.close_vector_env(self.envs, faulted=self.faulted)
@@ -393,8 +412,10 @@ def validate_args(args: EvalArgs) -> None:
     for flag, value in (("--num-episodes", args.num_episodes), ("--num-workers", args.num_workers)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
-    if args.max_videos < 0:
-        raise ConfigError(f"--max-videos must be >= 0, got {args.max_videos}")
+    check_finite(args)
+    for flag, value in (("--max-videos", args.max_videos), ("--seed", args.seed)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
     if not all(-1.0 <= a <= 1.0 for a in args.constant_action):
@@ -536,8 +557,8 @@ def run_evaluation(args: EvalArgs) -> int:
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
     evaluator = Evaluator(env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0)
     interrupted = []
-    # Ctrl-C stops between vector steps (the workers ignore it, SPEC 8)
-    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    # Ctrl-C (and SIGTERM, SPEC 10) stops between vector steps (the workers ignore SIGINT, SPEC 8)
+    previous = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in STOP_SIGNALS}
     try:
         with _progress() as progress:
             task = progress.add_task("evaluate", total=args.num_episodes)
@@ -550,16 +571,18 @@ def run_evaluation(args: EvalArgs) -> int:
                 on_episode=lambda record: progress.advance(task),
                 should_stop=lambda: bool(interrupted),
             )
-    except (env_layer.EnvWorkerError, EOFError, BrokenPipeError, ConnectionResetError) as exc:
-        index = env_layer.find_failed_worker(evaluator.envs, exc)
-        where = f"env worker {index}" if index is not None else "an env worker"
-        print(f"error: {where} failed during evaluation ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return 1
+    except env_layer.WorkerFault as fault:
+        if not interrupted:  # else a SIGTERM to the process group stopped the workers too
+            print(f"error: {fault.describe()}; evaluation_metrics.json not written", file=sys.stderr)
+            return 1
+        print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
+        return 130
     except EvaluationInterrupted:
         print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if recorder is not None:
             recorder.close()
         evaluator.close()

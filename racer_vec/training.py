@@ -25,14 +25,15 @@ from racer_vec import envs as env_layer
 from racer_vec.agent import create_agent, make_learner, reset_agent
 from racer_vec.checkpoints import Checkpointer
 from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig, to_dict
-from racer_vec.evaluation import Evaluator
+from racer_vec.evaluation import EvaluationInterrupted, Evaluator
 from racer_vec.progress import ProgressDisplay
 from racer_vec.provenance import machine_info, source_commit
 from racer_vec.replay import init_buffer, insert, replicated_sharding
 from racer_vec.rewards import training_reward
 
 EMA_WEIGHT = 0.01
-WORKER_FAULTS = (env_layer.EnvWorkerError, EOFError, BrokenPipeError, ConnectionResetError)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and a cluster scheduler's preemption: both end the run with a checkpoint (SPEC 8, 10)."""
 
 
 class TrainingStopped(Exception):
@@ -51,6 +52,10 @@ class Counters:
     offroad_terminations_total: int = 0
     resets_total: int = 0
     """Agent re-initializations by the reset schedule (SPEC 11)."""
+    worker_restarts_total: int = 0
+    """Training vector envs replaced after a worker fault (SPEC 10)."""
+    eval_worker_restarts_total: int = 0
+    """Periodic evaluators rebuilt after a worker fault."""
     speed_ema: float | None = None
     collision_ema: float | None = None
     wall_time: float = 0.0
@@ -80,6 +85,12 @@ class EpisodeTracker:
         self.training_returns = np.zeros(num_envs)
         self.lengths = np.zeros(num_envs, dtype=np.int64)
         self.finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def abandon(self) -> None:
+        """The running episodes end unfinished (their workers were replaced): they are not counted."""
+        self.returns[:] = 0.0
+        self.training_returns[:] = 0.0
+        self.lengths[:] = 0
 
     def step(self, env_reward, train_reward, done) -> None:
         self.returns += env_reward
@@ -117,7 +128,10 @@ class Trainer:
         self.envs = None
         self.evaluator = None
         self.wandb_run = None
-        self.counters = Counters(learning_starts=cfg.start_training)
+        # updates need a non-empty buffer, even with --start-training 0
+        self.counters = Counters(learning_starts=max(cfg.start_training, cfg.num_envs))
+        self.stored = 0
+        """Transitions in the replay buffer, tracked on the host (reading the device's would sync)."""
         self.tracker = EpisodeTracker(cfg.num_envs)
         self.last_metrics = None
         self.pending_eval: dict = {}
@@ -165,7 +179,7 @@ class Trainer:
         self._sample = jax.jit(self._sample_actions)
         self.envs = env_layer.make_vector_env(cfg.env, cfg.num_envs, seed=cfg.seed)
         if cfg.eval_interval > 0:
-            self.evaluator = Evaluator(cfg.env, self.reward_params, num_workers=min(cfg.num_envs, cfg.eval_episodes))
+            self.evaluator = self._make_evaluator()
         self._init_wandb()
 
     def _sample_actions(self, agent, obs, key):
@@ -185,9 +199,10 @@ class Trainer:
         self.random_actions = np.random.default_rng([self.cfg.seed, step])
         if buffer is not None:
             self.buffer = buffer
+            self.stored = int(buffer.size)
         else:
             # The policy refills the buffer before updates resume (SPEC 7).
-            self.counters.learning_starts = step + self.cfg.start_training
+            self.counters.learning_starts = step + max(self.cfg.start_training, self.cfg.num_envs)
         print(
             f"resumed {self.run_dir} at {step} env steps"
             + ("" if buffer is not None else f"; refilling the buffer for {self.cfg.start_training} steps"),
@@ -213,34 +228,25 @@ class Trainer:
     # ------------------------------------------------------------------------------- main loop
     def run(self) -> int:
         cfg, c = self.cfg, self.counters
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        display = ProgressDisplay(total=cfg.max_steps, start=c.env_steps)
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        self.display = display = ProgressDisplay(total=cfg.max_steps, start=c.env_steps)
         try:
-            obs, _ = self._guarded(self.envs.reset, seed=cfg.seed + c.env_steps)
+            obs = self._reset_envs(seed=cfg.seed + c.env_steps)
             tick = time.perf_counter()
             while c.env_steps < cfg.max_steps and not self.interrupted:
-                obs = self.iteration(obs)
-                now = time.perf_counter()
-                c.train_time += now - tick
-                c.wall_time += now - tick
-                tick = now
-                before = c.env_steps - cfg.num_envs
-                if self._reset_due():
-                    self.agent = reset_agent(cfg.agent, self.obs_dim, self.agent)
-                    c.resets_total += 1
-                    display.message(f"reset the agent (all but the temperature) at {c.env_steps} env steps")
-                if _crossed(before, c.env_steps, cfg.eval_interval):
-                    self._evaluate()
-                if _crossed(before, c.env_steps, cfg.log_interval):
-                    self._log(display)
-                if _crossed(before, c.env_steps, cfg.checkpoint_interval):
-                    self._checkpoint()
-                display.update(c, self.buffer_size)
-                now = time.perf_counter()
-                c.wall_time += now - tick
-                tick = now
+                try:
+                    obs = self.iteration(obs)
+                except env_layer.WorkerFault as fault:
+                    tick = self._clock(tick, training=True)
+                    obs = self._replace_workers(fault)
+                    tick = self._clock(tick, training=False)
+                    continue
+                tick = self._clock(tick, training=True)
+                self._after_vector_step()
+                display.update(c, self.stored)
+                tick = self._clock(tick, training=False)
             if self.last_logged_step != c.env_steps:
-                self._log(display)
+                self._log()
             self._checkpoint()
             if self.interrupted:
                 print(f"\ninterrupted: checkpoint at {c.env_steps} env steps in {self.run_dir}", flush=True)
@@ -254,6 +260,29 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _clock(self, tick: float, *, training: bool) -> float:
+        """Add the time since `tick` to the wall time, and to the training time (SPS) if `training`."""
+        now = time.perf_counter()
+        if training:
+            self.counters.train_time += now - tick
+        self.counters.wall_time += now - tick
+        return now
+
+    def _after_vector_step(self) -> None:
+        """The schedule's work due at this env step: reset, evaluation, log line, checkpoint."""
+        cfg, c = self.cfg, self.counters
+        before = c.env_steps - cfg.num_envs
+        if self._reset_due():
+            self.agent = reset_agent(cfg.agent, self.obs_dim, self.agent)
+            c.resets_total += 1
+            self.display.message(f"reset the agent (all but the temperature) at {c.env_steps} env steps")
+        if _crossed(before, c.env_steps, cfg.eval_interval):
+            self._evaluate()
+        if _crossed(before, c.env_steps, cfg.log_interval):
+            self._log()
+        if _crossed(before, c.env_steps, cfg.checkpoint_interval):
+            self._checkpoint()
+
     def _reset_due(self) -> bool:
         """The release's schedule (SPEC 11): at every reset_interval-th vector step below 80% of max_steps."""
         cfg, c = self.cfg, self.counters
@@ -264,6 +293,10 @@ class Trainer:
         self.interrupted = True
 
     def iteration(self, obs: np.ndarray) -> np.ndarray:
+        """One vector step: act, learn while the workers simulate, store N transitions.
+
+        A worker fault raises env_layer.WorkerFault before anything of the step is stored.
+        """
         cfg, c = self.cfg, self.counters
         if c.env_steps >= cfg.start_training:
             actions, self.action_key = self._sample(self.agent, obs, self.action_key)
@@ -271,13 +304,13 @@ class Trainer:
         else:
             actions = self.random_actions.uniform(-1.0, 1.0, (cfg.num_envs, ACTION_DIM)).astype(np.float32)
 
-        self._guarded(self.envs.step_async, actions)
+        env_layer.vector_call(self.envs, self.envs.step_async, actions)
         if c.env_steps >= c.learning_starts:
             # Dispatched asynchronously: XLA learns while the workers simulate.
             self.agent, self.last_metrics = self.learner.update(self.agent, self.buffer)
             c.updates += cfg.updates_per_iteration
             c.critic_updates += cfg.updates_per_iteration * cfg.utd_ratio
-        next_obs, env_reward, terminated, truncated, infos = self._guarded(self.envs.step_wait)
+        next_obs, env_reward, terminated, truncated, infos = env_layer.vector_call(self.envs, self.envs.step_wait)
 
         values = env_layer.step_values(infos, cfg.num_envs)
         real_next_obs = env_layer.final_observations(next_obs, infos)
@@ -286,6 +319,7 @@ class Trainer:
         # Truncation (time limit) still bootstraps; only crashes and offroad terminations do not.
         masks = 1.0 - terminated.astype(np.float32)
         self.buffer = insert(self.buffer, obs, actions, train_reward.astype(np.float32), masks, real_next_obs)
+        self.stored = min(self.stored + cfg.num_envs, cfg.buffer_size)
 
         done = terminated | truncated
         self.tracker.step(env_reward, train_reward, done)
@@ -298,24 +332,40 @@ class Trainer:
         c.offroad_terminations_total += int(values["offroad_terminated"].sum())
         return next_obs
 
-    def _guarded(self, call, *args, **kwargs):
-        """Run a vector-env call; a worker fault becomes TrainingStopped naming the env index."""
+    # ---------------------------------------------------------------------------- worker faults
+    def _reset_envs(self, seed: int) -> np.ndarray:
         try:
-            return call(*args, **kwargs)
-        except WORKER_FAULTS + (RuntimeError, ValueError) as exc:
-            index = env_layer.find_failed_worker(self.envs, exc)
-            env_layer.close_vector_env(self.envs, faulted=True)
-            self.envs = None
-            where = f"env worker {index}" if index is not None else "an env worker"
+            return env_layer.vector_call(self.envs, self.envs.reset, seed=seed)[0]
+        except env_layer.WorkerFault as fault:
+            return self._replace_workers(fault)
+
+    def _replace_workers(self, fault: env_layer.WorkerFault) -> np.ndarray:
+        """SPEC 10: close the faulted vector env and start a new one; the running episodes end
+        there (nothing of the faulted step was stored), learner, buffer and counters carry on."""
+        cfg, c = self.cfg, self.counters
+        env_layer.close_vector_env(self.envs, faulted=True)
+        self.envs = None
+        if self.interrupted or fault.exitcode == -signal.SIGTERM:
+            # a SIGTERM to the whole process group reached the workers too: stop, do not replace
+            self.interrupted = True
+            return None
+        if c.worker_restarts_total >= cfg.max_worker_restarts:
             step = self._checkpoint()
             raise TrainingStopped(
-                f"{where} failed ({type(exc).__name__}: {_first_line(exc)}); "
-                f"learner state saved at {step} env steps in {self.run_dir / 'checkpoints'}"
-            ) from exc
-
-    @property
-    def buffer_size(self) -> int:
-        return min(self.counters.env_steps, self.cfg.buffer_size)
+                f"{fault.describe()} after {c.worker_restarts_total} worker restarts (--max-worker-restarts "
+                f"{cfg.max_worker_restarts}); learner state saved at {step} env steps in {self.run_dir / 'checkpoints'}"
+            )
+        c.worker_restarts_total += 1
+        print(
+            f"{fault.describe()}; replacing the env workers at {c.env_steps} env steps "
+            f"(restart {c.worker_restarts_total} of at most {cfg.max_worker_restarts})",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        self.tracker.abandon()
+        # new seeds, still determined by the run: seed + 1000 * restarts + env index
+        seed = cfg.seed + 1000 * c.worker_restarts_total
+        self.envs = env_layer.make_vector_env(cfg.env, cfg.num_envs, seed=seed)
+        return self._reset_envs(seed=seed)
 
     # ------------------------------------------------------------------------ logging and eval
     def _learner_metrics(self) -> dict:
@@ -329,21 +379,24 @@ class Trainer:
             )
         return metrics
 
-    def _log(self, display) -> None:
-        c = self.counters
+    def _log(self) -> None:
+        c, cfg = self.counters, self.cfg
         record = {
             "env_steps": c.env_steps,
             "updates": c.updates,
             "critic_updates": c.critic_updates,
-            "critic_utd": c.critic_updates / max(c.env_steps - min(c.learning_starts, c.env_steps), 1),
+            # per transition collected while learning: one iteration of updates per vector step
+            "critic_utd": c.critic_updates / (c.updates / cfg.updates_per_iteration * cfg.num_envs) if c.updates else 0.0,
             "sps": c.env_steps / c.train_time if c.train_time > 0 else 0.0,
-            "buffer_size": self.buffer_size,
+            "buffer_size": self.stored,
             "speed_ema": c.speed_ema,
             "collision_ema": c.collision_ema,
             "train_collisions_total": c.train_collisions_total,
             "offroad_terminations_total": c.offroad_terminations_total,
             "episodes_total": c.episodes_total,
             "resets_total": c.resets_total,
+            "worker_restarts_total": c.worker_restarts_total,
+            "eval_worker_restarts_total": c.eval_worker_restarts_total,
             "wall_time": c.wall_time,
             **self._learner_metrics(),
             **self.tracker.pop_means(),
@@ -355,19 +408,44 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=c.env_steps)
-        display.log(record)
+        self.display.log(record)
 
     def _evaluate(self) -> None:
+        """Periodic evaluation; a worker fault skips it and rebuilds the evaluator (SPEC 10)."""
         if self.evaluator is None:
             return
-        start = time.perf_counter()
-        summary = self.evaluator.evaluate(
-            lambda agent_obs: self.learner.deterministic_actions(self.agent, agent_obs),
-            self.cfg.eval_episodes,
-            self.cfg.eval_seed,
-        )
+        c = self.counters
+        dead = self.evaluator.dead_workers()
+        if dead:
+            self._rebuild_evaluator(f"evaluation worker {dead[0]} had died", skipped=False)
+        try:
+            summary = self.evaluator.evaluate(
+                lambda agent_obs: self.learner.deterministic_actions(self.agent, agent_obs),
+                self.cfg.eval_episodes,
+                self.cfg.eval_seed,
+                should_stop=lambda: self.interrupted,
+            )
+        except EvaluationInterrupted:
+            return  # the run stops at this step: nothing to report
+        except env_layer.WorkerFault as fault:
+            if not self.interrupted:  # a SIGTERM to the process group ends the run: no rebuild
+                self._rebuild_evaluator(fault.describe("evaluation worker"), skipped=True)
+            return
         self.pending_eval = {f"eval/{k}": v for k, v in summary.items()}
-        self.counters.wall_time += time.perf_counter() - start
+
+    def _rebuild_evaluator(self, reason: str, *, skipped: bool) -> None:
+        c = self.counters
+        self.evaluator.close()  # kills what is left of the faulted workers
+        c.eval_worker_restarts_total += 1
+        outcome = "evaluation skipped" if skipped else "evaluating with a new evaluator"
+        print(f"{reason} at {c.env_steps} env steps; {outcome}", file=sys.stderr, flush=True)
+        if skipped:
+            self.pending_eval = {"eval/skipped": 1}
+        self.evaluator = self._make_evaluator()
+
+    def _make_evaluator(self) -> Evaluator:
+        cfg = self.cfg
+        return Evaluator(cfg.env, self.reward_params, num_workers=min(cfg.num_envs, cfg.eval_episodes))
 
     def _checkpoint(self) -> int:
         c = self.counters
@@ -405,11 +483,22 @@ def _default_run_name(cfg: TrainConfig) -> str:
     return f"{cfg.preset}_s{cfg.seed}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _stop_start_up(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM during start-up ends it like Ctrl-C: nothing to save yet
+
+
 def train(cfg: TrainConfig) -> int:
     """Run training to cfg.max_steps; returns the process exit code."""
+    original = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    signal.signal(signal.SIGTERM, _stop_start_up)
     trainer = Trainer(cfg)
     try:
         trainer.setup()
         return trainer.run()
     finally:
+        # a second Ctrl-C or SIGTERM must not cut short the clean-up it asks for (nothing left running)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
         trainer.close()
+        for s, handler in original.items():
+            signal.signal(s, handler)

@@ -182,6 +182,32 @@ def test_evaluator_reused_between_evaluations():
         evaluator.close()
 
 
+def test_periodic_deterministic_evaluation_does_not_depend_on_the_worker_count(tiny_run):
+    """train.py's periodic evaluation: the agent's deterministic actions on 1 and on 3 workers."""
+    import jax
+
+    from racer_vec.agent import create_agent, deterministic_actions
+    from racer_vec.checkpoints import Checkpointer, saved_config
+    from racer_vec.config import resolve
+
+    cfg = resolve(saved_config(tiny_run / "checkpoints", 400))
+    template = jax.eval_shape(lambda: create_agent(cfg.agent, 48, cfg.env.observed_vehicles, 0))
+    checkpointer = Checkpointer(tiny_run / "checkpoints", keep=5)
+    try:
+        agent = checkpointer.restore(400, template)[0]
+    finally:
+        checkpointer.close()
+    summaries = []
+    for workers in (1, 3):
+        evaluator = Evaluator(cfg.env, RewardParams.build(cfg.reward, cfg.env), num_workers=workers)
+        try:
+            summaries.append(evaluator.evaluate(lambda obs: deterministic_actions(agent, obs), 4, cfg.eval_seed))
+        finally:
+            evaluator.close()
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["num_episodes"] == 4 and summaries[0]["mean_return"] != 0.0
+
+
 # ------------------------------------------------------------------------- checkpoints
 
 

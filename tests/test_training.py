@@ -118,9 +118,13 @@ def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
     result = run_train("--resume", str(run_dir), "--max-steps", "560", "--wandb-mode", "disabled")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "refilling" in result.stdout
-    after = _metrics(run_dir)[-1]
+    rows = _metrics(run_dir)
+    after = rows[-1]
     # 100 refill steps (start_training) without updates, then 60 steps = 30 vector steps of updates
     assert after["updates"] == before["updates"] + 30
+    # the buffer refills from empty, and the UTD counts the transitions collected while learning
+    assert [r["buffer_size"] for r in rows[-2:]] == [100, 160]
+    assert after["critic_utd"] == pytest.approx(1.0)
 
 
 def _session_processes(sid):
@@ -134,11 +138,11 @@ def _session_processes(sid):
     return found
 
 
-def _start_long_run(tmp_path, *extra, learn=True):
+def _start_long_run(tmp_path, *extra, learn=True, max_steps=100000):
     args = list(TINY_ARGS)
-    args[args.index("--max-steps") + 1] = "100000"
+    args[args.index("--max-steps") + 1] = str(max_steps)
     if not learn:
-        args[args.index("--start-training") + 1] = "100000"
+        args[args.index("--start-training") + 1] = str(max_steps)
     args[args.index("--checkpoint-interval") + 1] = "100000"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *args, "--runs-dir", str(tmp_path), "--run-name", "long",
@@ -182,14 +186,47 @@ def _workers(driver_pid):
     return sorted(workers, key=lambda p: p.create_time())
 
 
-def test_killed_worker_is_reported_by_index_and_nothing_hangs(tmp_path):
-    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", learn=False)
+def test_killed_training_worker_is_replaced_and_the_run_finishes(tmp_path):
+    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", max_steps=600)
     workers = _workers(proc.pid)
     assert len(workers) == 2
     workers[1].kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert "env worker 1 failed" in err and "replacing the env workers" in err, err[-3000:]
+    assert _wait_all_gone(proc.pid) == []
+    rows = _metrics(tmp_path / "long")
+    assert rows[-1]["env_steps"] == 600 and rows[-1]["worker_restarts_total"] == 1
+    state = json.loads((tmp_path / "long" / "checkpoints" / "600" / "state" / "metadata").read_text())
+    assert state["counters"]["worker_restarts_total"] == 1
+
+
+def test_killed_evaluation_worker_is_replaced_and_the_run_finishes(tmp_path):
+    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", "--eval-interval", "200", max_steps=600)
+    workers = _workers(proc.pid)
+    assert len(workers) == 4  # 2 training workers, then the evaluator's 2
+    workers[2].kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert "evaluation worker 0 had died" in err, err[-3000:]
+    assert _wait_all_gone(proc.pid) == []
+    rows = _metrics(tmp_path / "long")
+    assert rows[-1]["env_steps"] == 600 and rows[-1]["eval_worker_restarts_total"] == 1
+    assert rows[-1]["worker_restarts_total"] == 0
+    # the evaluations after the rebuild ran: none was skipped
+    assert [r["eval/num_episodes"] for r in rows if "eval/num_episodes" in r] == [2, 2, 2]
+
+
+def test_run_past_its_restart_limit_stops_with_a_checkpoint(tmp_path):
+    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", "--max-worker-restarts", "0", learn=False)
+    workers = _workers(proc.pid)
+    workers[1].kill()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode not in (0, 130)
-    assert "env worker 1" in err, err[-3000:]
+    assert "env worker 1 failed" in err and "--max-worker-restarts 0" in err, err[-3000:]
+    assert "Traceback" not in err
     assert _wait_all_gone(proc.pid) == []
     assert Checkpointer(tmp_path / "long" / "checkpoints", keep=5).latest_step() is not None
 
@@ -268,3 +305,127 @@ def test_the_same_command_trains_the_same_run(tiny_run, tmp_path):
     first, again = untimed(tiny_run), untimed(tmp_path / "again")
     assert len(first) == 4 and first[-1]["updates"] > 0
     assert again == first
+
+
+# ------------------------------------------------------------------ the driver, in process
+
+
+def _trainer(tmp_path, *extra, name="inproc"):
+    from racer_vec.cli import parse_train_args
+    from racer_vec.training import Trainer
+
+    cfg = parse_train_args([*TINY_ARGS, "--runs-dir", str(tmp_path), "--run-name", name, "--wandb-mode", "disabled",
+                            *extra])  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer
+
+
+class FakeEvaluator:
+    """Stands in for the periodic evaluator: `faults` evaluations raise a worker fault, each takes `seconds`."""
+
+    def __init__(self, seconds=0.0, faults=0):
+        self.seconds, self.faults, self.calls, self.closed = seconds, faults, 0, False
+
+    def evaluate(self, policy, num_episodes, seed, should_stop=None):
+        from racer_vec.envs import WorkerFault
+
+        self.calls += 1
+        time.sleep(self.seconds)
+        if self.calls <= self.faults:
+            raise WorkerFault(1, EOFError("worker died"), exitcode=-9)
+        return {"num_episodes": num_episodes}
+
+    def dead_workers(self):
+        return []
+
+    def close(self):
+        self.closed = True
+
+
+def test_wall_time_counts_each_evaluation_once(tmp_path):
+    trainer = _trainer(tmp_path, "--eval-interval", "4", "--max-steps", "24", "--start-training", "100000",
+                       "--batch-size", "2")  # fmt: skip
+    try:
+        trainer.evaluator.close()
+        trainer.evaluator = FakeEvaluator(seconds=0.25)
+        assert trainer.run() == 0
+        c = trainer.counters
+        assert trainer.evaluator.calls == 6
+        # the 1.5 s of evaluation are in the wall time once, and not in the training time (SPS)
+        assert 1.5 <= c.wall_time - c.train_time < 2.2, (c.wall_time, c.train_time)
+    finally:
+        trainer.close()
+
+
+def test_a_periodic_evaluation_fault_skips_it_and_rebuilds_the_evaluator(tmp_path, monkeypatch, capsys):
+    trainer = _trainer(tmp_path, "--eval-interval", "4", "--max-steps", "12", "--start-training", "100000",
+                       "--batch-size", "2", "--log-interval", "4")  # fmt: skip
+    try:
+        trainer.evaluator.close()
+        faulty = trainer.evaluator = FakeEvaluator(faults=1)
+        rebuilt = FakeEvaluator()
+        monkeypatch.setattr(trainer, "_make_evaluator", lambda: rebuilt)
+        assert trainer.run() == 0
+        assert faulty.closed and trainer.evaluator is rebuilt and rebuilt.calls == 2
+        rows = _metrics(trainer.run_dir)
+        assert [r.get("eval/skipped") for r in rows] == [1, None, None]
+        assert [r.get("eval/num_episodes") for r in rows] == [None, 2, 2]
+        assert rows[-1]["eval_worker_restarts_total"] == 1
+        err = capsys.readouterr().err
+        assert "evaluation worker 1 failed (EOFError: killed by signal 9; worker died) at 4 env steps" in err
+    finally:
+        trainer.close()
+
+
+def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
+    from racer_vec.envs import WorkerFault
+
+    trainer = _trainer(tmp_path, "--eval-interval", "0")
+    envs = trainer.envs
+    try:
+        obs = envs.reset(seed=0)[0]
+
+        def driver_bug(*args, **kwargs):
+            raise RuntimeError("a bug in the driver")
+
+        envs.step_wait = driver_bug
+        with pytest.raises(RuntimeError, match="a bug in the driver") as raised:
+            trainer.iteration(obs)
+        assert not isinstance(raised.value, WorkerFault) and trainer.counters.worker_restarts_total == 0
+    finally:
+        del envs.step_wait  # the pending step completes on close
+        trainer.close()
+
+
+def test_no_update_before_the_buffer_holds_a_transition(tmp_path):
+    trainer = _trainer(tmp_path, "--eval-interval", "0", "--start-training", "0", "--batch-size", "2")
+    try:
+        obs = trainer.envs.reset(seed=0)[0]
+        obs = trainer.iteration(obs)
+        assert trainer.counters.updates == 0  # the buffer was empty during the first step
+        trainer.iteration(obs)
+        assert trainer.counters.updates == 1 and bool(trainer.last_metrics["finite"])
+    finally:
+        trainer.close()
+
+
+def test_resume_restores_the_buffer_that_was_in_memory(tmp_path):
+    from racer_vec.cli import parse_train_args
+    from racer_vec.training import Trainer
+
+    fields = ("observations", "actions", "rewards", "masks", "next_observations", "position", "size")
+    trainer = _trainer(tmp_path, "--eval-interval", "0", "--max-steps", "140", "--save-buffer", name="buf")
+    try:
+        assert trainer.run() == 0
+        in_memory = {name: np.array(getattr(trainer.buffer, name)) for name in fields}
+    finally:
+        trainer.close()
+    resumed = Trainer(parse_train_args(["--resume", str(tmp_path / "buf"), "--wandb-mode", "disabled"]))
+    try:
+        resumed.setup()
+        assert resumed.counters.env_steps == 140 and resumed.stored == 140
+        for name, array in in_memory.items():
+            np.testing.assert_array_equal(np.asarray(getattr(resumed.buffer, name)), array, err_msg=name)
+    finally:
+        resumed.close()
