@@ -441,12 +441,23 @@ def resolve_target(args: EvalArgs) -> Target:
         label = f"{args.policy}_{args.preset}"
         target = Target(resolve(cfg), label, Path("eval") / label)
     else:
-        from racer_vec.checkpoints import locate, saved_config
+        from racer_vec.checkpoints import (
+            EVALUATION_ITEMS, DamagedCheckpoint, damage_warning, locate, newest_intact, saved_config, verify,
+        )  # fmt: skip
 
         path = Path(args.checkpoint)
         if path.is_file():
             raise ConfigError(f"--checkpoint {path}: not a directory")
         directory, step = locate(path)
+        if step is None:  # the newest intact step (SPEC 10)
+            step, damaged = newest_intact(directory)
+            if damaged:
+                print(damage_warning(damaged, step), file=sys.stderr, flush=True)
+        else:
+            try:
+                verify(directory / str(step), EVALUATION_ITEMS)
+            except DamagedCheckpoint as exc:
+                raise ConfigError(f"--checkpoint {directory / str(step)}: damaged checkpoint ({exc})") from None
         try:
             cfg = resolve(saved_config(directory, step))
         except (TypeError, ValueError) as exc:
@@ -506,7 +517,7 @@ def _restore_agent(target: Target, obs_dim: int):
     import jax
 
     from racer_vec.agent import create_agent, make_learner
-    from racer_vec.checkpoints import Checkpointer
+    from racer_vec.checkpoints import Checkpointer, DamagedCheckpoint
 
     cfg = target.cfg
     learner = make_learner(
@@ -520,6 +531,8 @@ def _restore_agent(target: Target, obs_dim: int):
     checkpointer = Checkpointer(target.checkpoint_dir, keep=cfg.keep_checkpoints)
     try:
         agent, _, _ = checkpointer.restore(target.step, template)
+    except DamagedCheckpoint as exc:
+        raise ConfigError(f"--checkpoint {target.checkpoint_dir / str(target.step)}: damaged checkpoint ({exc})") from None
     finally:
         checkpointer.close()
     return agent, learner

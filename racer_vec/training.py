@@ -23,7 +23,7 @@ import numpy as np
 
 from racer_vec import envs as env_layer
 from racer_vec.agent import create_agent, make_learner, reset_agent
-from racer_vec.checkpoints import Checkpointer
+from racer_vec.checkpoints import Checkpointer, damage_warning
 from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig, to_dict
 from racer_vec.evaluation import EvaluationInterrupted, Evaluator
 from racer_vec.progress import ProgressDisplay
@@ -187,11 +187,13 @@ class Trainer:
         return self.learner.sample_actions(agent, obs, sub), key
 
     def _restore(self) -> None:
-        step = self.checkpointer.latest_step()
-        if step is None:
+        if self.checkpointer.latest_step() is None:
             raise ConfigError(f"--resume {self.run_dir}: no checkpoint to resume from")
-        buffer_template = self.buffer if self.checkpointer.has_buffer(step) else None
-        agent, state, buffer = self.checkpointer.restore(step, self.agent, buffer_template)
+        # the newest intact step (SPEC 10); damaged newer ones are set aside, to be trained again
+        step, agent, state, buffer, damaged = self.checkpointer.restore_newest(self.agent, self.buffer)
+        if damaged:
+            print(damage_warning(damaged, step), file=sys.stderr, flush=True)
+            self.checkpointer.set_aside(s for s, _ in damaged)
         self.agent = agent
         counters = dict(state["counters"])
         self.counters = Counters(**counters)

@@ -279,3 +279,20 @@ def test_entry_point_runs_as_a_script_without_jax_at_import():
         [sys.executable, str(ROOT / "evaluate.py"), "--policy", "random"], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_damaged_newest_checkpoint_falls_back_and_an_explicit_one_is_refused(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "checkpoints", run / "checkpoints")
+    (run / "checkpoints" / "400" / "state" / "metadata").unlink()
+    code, _, err = run_cli(capsys, "--checkpoint", run / "checkpoints", "--num-episodes", 1, "--no-render",
+                           "--output-dir", tmp_path / "out")
+    assert code == 0
+    assert err.strip().splitlines()[0].startswith("warning: checkpoint 400 damaged") and "using checkpoint 200" in err
+    report = json.loads((tmp_path / "out" / "evaluation_metrics.json").read_text())
+    assert report["config"]["checkpoint"]["step"] == 200
+
+    code, _, err = run_cli(capsys, "--checkpoint", run / "checkpoints" / "400", "--no-render")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(run / "checkpoints" / "400") in lines[0] and "damaged" in lines[0]

@@ -429,3 +429,43 @@ def test_resume_restores_the_buffer_that_was_in_memory(tmp_path):
             np.testing.assert_array_equal(np.asarray(getattr(resumed.buffer, name)), array, err_msg=name)
     finally:
         resumed.close()
+
+
+def _damage(step_dir, how="truncate"):
+    """Truncate (or delete) the largest file of a checkpoint's agent: its parameters."""
+    target = max((p for p in (step_dir / "agent").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    if how == "truncate":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target.unlink()
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["files.json", "without files.json"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_run, tmp_path, manifest):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    if not manifest:  # as saved before checkpoints listed their files: found when orbax reads them
+        for path in (run_dir / "checkpoints").glob("*/files.json"):
+            path.unlink()
+    _damage(run_dir / "checkpoints" / "400")
+    result = run_train("--resume", str(run_dir), "--max-steps", "420", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint 400 damaged" in warnings[0] and "using checkpoint 200" in warnings[0]
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
+    assert "resumed" in result.stdout and "at 200 env steps" in result.stdout
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "400.damaged").is_dir()  # kept, not deleted
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [200, 400, 420]
+    assert _metrics(run_dir)[-1]["env_steps"] == 420
+
+
+def test_resume_without_an_intact_checkpoint_is_one_line_and_exit_2(tiny_run, tmp_path):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    _damage(run_dir / "checkpoints" / "400", how="delete")
+    (run_dir / "checkpoints" / "200" / "state" / "metadata").write_text("{")
+    result = run_train("--resume", str(run_dir), "--wandb-mode", "disabled")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(run_dir / "checkpoints") in lines[0] and "no intact checkpoint" in lines[0], lines
