@@ -296,3 +296,42 @@ def test_damaged_newest_checkpoint_falls_back_and_an_explicit_one_is_refused(tin
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and str(run / "checkpoints" / "400") in lines[0] and "damaged" in lines[0]
+
+
+def test_killed_worker_in_evaluate_is_one_line_naming_worker_and_episode(tmp_path):
+    import os
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "evaluate.py"), "--policy", "constant", "--preset", "highway_fast",
+         "--num-episodes", "50", "--num-workers", "2", "--no-render", "--output-dir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    workers = []
+    while len(workers) < 2 and time.time() < deadline:
+        try:
+            forkservers = [p for p in psutil.Process(proc.pid).children() if "forkserver" in " ".join(p.cmdline())]
+            workers = sorted((c for fs in forkservers for c in fs.children()), key=lambda p: p.create_time())
+        except psutil.NoSuchProcess:  # a process that was just starting or ending
+            pass
+        time.sleep(0.2)
+    time.sleep(2.0)  # into the episodes (the constant policy drives them to their time limit)
+    workers[1].kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"error: env worker 1 \(episode \d+\) failed \(", lines[0]), lines
+    assert "killed by signal 9" in lines[0]
+    assert not (tmp_path / "evaluation_metrics.json").exists()
+    time.sleep(1.0)
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    assert left == []

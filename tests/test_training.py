@@ -165,9 +165,17 @@ def _wait_all_gone(sid, timeout=20.0):
     return _session_processes(sid)
 
 
-def test_sigint_to_process_group_checkpoints_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize(
+    "signum, group",
+    [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+    ids=["Ctrl-C to the process group", "SIGTERM to the driver", "SIGTERM to the process group"],
+)
+def test_stop_signals_checkpoint_and_leave_nothing(tmp_path, signum, group):
     proc = _start_long_run(tmp_path, "--wandb-mode", "offline")
-    os.killpg(proc.pid, signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, 130), err[-3000:]
     assert "Traceback" not in err
