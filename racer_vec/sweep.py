@@ -79,8 +79,9 @@ SET_BY_SWEEP = {
 ALIASES = {"num_workers": "num_envs"}
 LOCK_WAIT_S = 300.0
 """How long a retry, or the sweep at its end, waits for a trial process to write its final checkpoint."""
-STOP_WAIT_S = 8.0
-"""How long a stopped trial waits for train.py (Tune kills the trial's worker after about 10 s)."""
+STOP_WAIT_S = 60.0
+"""How long a stopped trial waits for train.py's final checkpoint. Longer than Tune waits for a stopping
+trial (about 10 s, then it kills the worker): a Ray worker that exits normally kills its children."""
 POLL_S = 0.5
 GPU_MEMORY = 0.75
 """JAX preallocates 75% of a GPU's memory; trials sharing a GPU split that between them."""
@@ -720,11 +721,18 @@ class TrialProcess:
 
 SHOWN_METRICS = ("env_steps", "episode_return_mean", "speed_ema", "collision_ema")
 """First in each result: Ray Tune's status table shows the first four metrics of a result."""
+TUNE_METRICS = (
+    *SHOWN_METRICS, "sps", "updates", "critic_loss", "episodes_total", "train_collisions_total",
+    "offroad_terminations_total", "eval/mean_return", "eval/mean_ego_speed", "eval/collision_rate", "eval/success_rate",
+)  # fmt: skip
+"""What a trial reports to Tune of each metrics.jsonl line (the line itself stays in the run directory);
+Tune prints a trial's last result as a table."""
 
 
 def tune_result(row: dict, done: bool) -> dict:
     first = {k: float("nan") if row.get(k) is None else row[k] for k in SHOWN_METRICS}
-    return {**first, **{k: v for k, v in row.items() if k not in first and v is not None}, "done": done}
+    rest = {k: row[k] for k in TUNE_METRICS if k not in first and row.get(k) is not None}
+    return {**first, **rest, "done": done}
 
 
 def wait_for_trial_processes(sweep_dir: Path, timeout: float = LOCK_WAIT_S) -> list[str]:
@@ -941,6 +949,7 @@ def run_sweep(args: SweepArgs, spec: dict, trials: dict[str, TrainConfig]) -> in
             start_ray(args)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"Ray did not start or connect ({_first_line(exc)})") from None
+        signal.signal(signal.SIGTERM, _ctrl_c)  # ray.init installed its own, which exits at once
         check_gpus(spec)
         results = make_tuner(spec, trials).fit()
     except KeyboardInterrupt:
@@ -1118,7 +1127,10 @@ def write_report(spec: dict, episodes: int, workers: int) -> int:
             say(f"report: evaluating {trial['name']} at {step} env steps with {episodes} episodes")
             args = EvalArgs(checkpoint=str(run_dir / "checkpoints" / str(step)), num_episodes=episodes,
                             num_workers=workers, render=False, output_dir=str(evaluation.parent))  # fmt: skip
-            code = run_evaluation(args)
+            try:
+                code = run_evaluation(args)
+            finally:
+                stop_multiprocessing_helpers()
             if code != 0:
                 return code
         record = results.collect(run_dir, evaluation)
@@ -1137,6 +1149,17 @@ def write_report(spec: dict, episodes: int, workers: int) -> int:
     print("\n" + table + "\n", flush=True)
     say(f"report: {sweep_dir / 'table.md'}, {png}, results files in {sweep_dir / 'results'}")
     return 0
+
+
+def stop_multiprocessing_helpers() -> None:
+    """Stop the forkserver and resource tracker the evaluations started, now rather than just after
+    this process exits: when the command returns, none of its processes is left."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (forkserver._forkserver, resource_tracker._resource_tracker):
+        stop = getattr(helper, "_stop", None)  # private since Python 3.8; absent: they exit with us
+        if stop is not None:
+            stop()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -286,10 +286,15 @@ class Trainer:
             self._checkpoint()
 
     def _reset_due(self) -> bool:
-        """The release's schedule (SPEC 11): at every reset_interval-th vector step below 80% of max_steps."""
+        """The release's schedule (SPEC 11): after the update of every reset_interval-th vector step
+        below 80% of max_steps (its loop resets only once it has started learning)."""
         cfg, c = self.cfg, self.counters
         vector_step = c.env_steps // cfg.num_envs
-        return cfg.reset_interval > 0 and vector_step % cfg.reset_interval == 0 and c.env_steps < 0.8 * cfg.max_steps
+        learned = c.env_steps - cfg.num_envs >= c.learning_starts
+        return (
+            cfg.reset_interval > 0 and learned and vector_step % cfg.reset_interval == 0
+            and c.env_steps < 0.8 * cfg.max_steps
+        )  # fmt: skip
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
