@@ -9,7 +9,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     # Everything is imported inside main(): spawned env workers re-import this module as __mp_main__.
-    from racer_vec.video import configure_headless
+    from racer_vec.sim.video import configure_headless
 
     # before pygame or any worker starts: workers inherit the environment
     configure_headless()
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     from racer_vec.config import ConfigError
-    from racer_vec.evaluation import EvalArgs, run_evaluation
+    from racer_vec.run.eval_cli import EvalArgs, run_evaluation
 
     args = tyro.cli(EvalArgs, args=argv)
     try:

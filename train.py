@@ -5,12 +5,12 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     # JAX is imported inside main(): spawned env workers re-import this module as __mp_main__.
-    from racer_vec.cli import parse_train_args
+    from racer_vec.run.train_cli import parse_train_args
     from racer_vec.config import ConfigError
 
     try:
         cfg = parse_train_args(argv)
-        from racer_vec.training import train
+        from racer_vec.run.training import train
 
         return train(cfg)
     except ConfigError as exc:

@@ -12,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from racer_vec import agent as racer
-from racer_vec import networks, replay
+from racer_vec.learner import agent as racer
+from racer_vec.learner import networks, replay
 from racer_vec.config import AgentConfig, ConfigError
 
 
@@ -33,7 +33,7 @@ def filled_buffer(obs, actions, rewards, masks, next_obs):
 
 def run(learner, agent, buffer, iterations):
     for _ in range(iterations):
-        agent, metrics = learner.update(agent, buffer)
+        agent, metrics = learner.iteration(agent, buffer)
     return agent, metrics
 
 
@@ -68,7 +68,7 @@ def device_run(num_devices):
     obs, next_obs = rng.normal(size=(2, CAPACITY, 2)).astype(np.float32)
     buffer = filled_buffer(obs, rng.uniform(-1, 1, (CAPACITY, 2)), rng.normal(size=CAPACITY),
                            (rng.random(CAPACITY) > 0.1).astype(np.float32), next_obs)  # fmt: skip
-    agent, metrics = learner.update(racer.create_agent(small(0.8), 2, 1, 0), buffer)
+    agent, metrics = learner.iteration(racer.init_agent(small(0.8), 2, 1, 0), buffer)
     actions = racer.sample_actions(agent, buffer.observations[:8], jax.random.PRNGKey(0))
     try:
         racer.make_learner(small(0.8), batch_size=BATCH + 1, utd_ratio=UTD, updates_per_iteration=UPDATES)
@@ -79,7 +79,7 @@ def device_run(num_devices):
         "leaves": [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(agent)],
         "metrics": {k: float(v) for k, v in metrics.items()},
         "actions": np.asarray(actions).tolist(),
-        "compiles": learner.update._cache_size(),
+        "compiles": learner.iteration._cache_size(),
         "num_devices": learner.num_devices,
         "error": error,
     }
@@ -133,12 +133,12 @@ def pointnet_buffer():
 
 
 def test_iteration_is_one_compiled_call_that_updates_everything(pointnet_learner, pointnet_buffer):
-    agent = racer.create_agent(POINTNET, VEHICLES * 6, VEHICLES, 0)
+    agent = racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 0)
     before = jax.tree.map(lambda x: np.array(x, copy=True), agent)  # a view would block donation
-    first, metrics = pointnet_learner.update(agent, pointnet_buffer)
+    first, metrics = pointnet_learner.iteration(agent, pointnet_buffer)
     assert agent.critic.params.is_deleted()  # donated
-    second, metrics = pointnet_learner.update(first, pointnet_buffer)
-    assert pointnet_learner.update._cache_size() == 1  # no recompilation: no weak-type or shape drift
+    second, metrics = pointnet_learner.iteration(first, pointnet_buffer)
+    assert pointnet_learner.iteration._cache_size() == 1  # no recompilation: no weak-type or shape drift
     assert int(second.updates) == 4
     expected = {"critic_loss", "actor_loss", "limit_loss", "temperature_loss", "lagrange_loss", "cross_entropy",
                 "entropy_data", "entropy_ood", "entropy_gap", "entropy", "cvar", "q_mean", "temperature", "limit",
@@ -155,29 +155,29 @@ def test_iteration_is_one_compiled_call_that_updates_everything(pointnet_learner
 
 
 def test_agent_checkpoint_round_trip_keeps_the_compiled_update(pointnet_learner, pointnet_buffer, tmp_path):
-    agent, _ = pointnet_learner.update(racer.create_agent(POINTNET, VEHICLES * 6, VEHICLES, 1), pointnet_buffer)
+    agent, _ = pointnet_learner.iteration(racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 1), pointnet_buffer)
     expected = jax.tree.map(np.asarray, agent)
-    template = racer.create_agent(POINTNET, VEHICLES * 6, VEHICLES, 2)
+    template = racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 2)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "agent", agent)
         checkpointer.wait_until_finished()
         restored = checkpointer.restore(tmp_path / "agent", jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), expected)
-    compiled = pointnet_learner.update._cache_size()
-    restored, metrics = pointnet_learner.update(restored, pointnet_buffer)
+    compiled = pointnet_learner.iteration._cache_size()
+    restored, metrics = pointnet_learner.iteration(restored, pointnet_buffer)
     assert bool(metrics["finite"])
-    assert pointnet_learner.update._cache_size() == compiled
+    assert pointnet_learner.iteration._cache_size() == compiled
 
 
 def test_reset_reinitializes_all_but_the_temperature_from_the_agents_key(pointnet_learner, pointnet_buffer):
     """SPEC 11: a fresh initialization of actor, critic, target, limit and lagrange (optimizer
     states too), drawn from the agent's own key; temperature and update count carry over."""
-    trained = run(pointnet_learner, racer.create_agent(POINTNET, VEHICLES * 6, VEHICLES, 5), pointnet_buffer, 3)[0]
+    trained = run(pointnet_learner, racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 5), pointnet_buffer, 3)[0]
     before = jax.tree.map(lambda x: np.array(x, copy=True), trained)
     reset = racer.reset_agent(POINTNET, VEHICLES * 6, trained)
 
     key, k_init = jax.random.split(jax.random.wrap_key_data(jnp.asarray(before.key), impl=racer.RNG_IMPL))
-    fresh = racer._build_agent(POINTNET, VEHICLES * 6, jax.random.key_data(k_init))
+    fresh = racer._init_agent(POINTNET, VEHICLES * 6, jax.random.key_data(k_init))
     for name in ("actor", "critic", "limit", "lagrange"):
         jax.tree.map(np.testing.assert_array_equal, getattr(reset, name), getattr(fresh, name))
         assert not np.allclose(np.asarray(getattr(reset, name).params), getattr(before, name).params), name
@@ -191,21 +191,21 @@ def test_reset_reinitializes_all_but_the_temperature_from_the_agents_key(pointne
     assert int(reset.updates) == int(before.updates) == 6
     np.testing.assert_array_equal(reset.key, jax.random.key_data(key))
     # the reset agent trains on with the same compiled update
-    compiled = pointnet_learner.update._cache_size()
-    _, metrics = pointnet_learner.update(reset, pointnet_buffer)
-    assert bool(metrics["finite"]) and pointnet_learner.update._cache_size() == compiled
+    compiled = pointnet_learner.iteration._cache_size()
+    _, metrics = pointnet_learner.iteration(reset, pointnet_buffer)
+    assert bool(metrics["finite"]) and pointnet_learner.iteration._cache_size() == compiled
 
 
 def test_non_finite_losses_are_flagged(pointnet_learner):
     obs, actions, rewards, masks, next_obs = random_transitions(np.random.default_rng(1), 256)
     rewards[:] = np.nan
     poisoned = filled_buffer(obs, actions, rewards, masks, next_obs)
-    _, metrics = pointnet_learner.update(racer.create_agent(POINTNET, VEHICLES * 6, VEHICLES, 3), poisoned)
+    _, metrics = pointnet_learner.iteration(racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 3), poisoned)
     assert not bool(metrics["finite"])
 
 
 def test_actions_respect_the_learned_limit():
-    agent = racer.create_agent(POINTNET, VEHICLES * 6, VEHICLES, 4)
+    agent = racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 4)
     obs = jnp.asarray(random_transitions(np.random.default_rng(2), 512)[0])
     actions = np.asarray(racer.sample_actions(agent, obs, jax.random.PRNGKey(0)))
     h = POINTNET.init_limit
@@ -234,7 +234,7 @@ def test_critic_converges_to_the_projected_bootstrapped_distribution():
         np.where(is_a, 1.0, 0.0),
         np.tile(state_b, (CAPACITY, 1)),
     )
-    agent, _ = run(small_learner(0.0), racer.create_agent(small(0.0), 2, 1, 0), buffer, 3)
+    agent, _ = run(small_learner(0.0), racer.init_agent(small(0.0), 2, 1, 0), buffer, 3)
     states = np.repeat(np.stack([state_a, state_b]), 16, axis=0)
     actions = np.tile(rng.uniform(-1, 1, (16, 2)).astype(np.float32), (2, 1))
     probs = np.asarray(jax.nn.softmax(networks.ensemble_apply(agent.critic_params(), states, actions)))  # (Q, 32, 17)
@@ -257,7 +257,7 @@ def test_bootstrapping_terminations_is_an_ablation_that_changes_the_target():
     )  # fmt: skip
     cfg = dataclasses.replace(small(0.0), bootstrap_terminations=True)
     learner = racer.make_learner(cfg, batch_size=BATCH, utd_ratio=UTD, updates_per_iteration=UPDATES)
-    agent, _ = run(learner, racer.create_agent(cfg, 2, 1, 0), buffer, 3)
+    agent, _ = run(learner, racer.init_agent(cfg, 2, 1, 0), buffer, 3)
     logits = networks.ensemble_apply(agent.critic_params(), state_b[None], np.zeros((1, 2), np.float32))
     probs = np.asarray(jax.nn.softmax(logits))[:, 0]  # (Q, 17) on atoms -12..4
     assert (probs[:, 14] < 0.5).all() and (probs[:, -1] > 0.3).all()
@@ -276,7 +276,7 @@ def bandit_buffer(seed=0):
 
 @pytest.mark.parametrize(("cvar_risk", "arm"), [(0.0, "risky"), (0.8, "safe")])
 def test_risk_level_decides_between_the_risky_and_the_safe_arm(cvar_risk, arm):
-    agent, metrics = run(small_learner(cvar_risk), racer.create_agent(small(cvar_risk), 2, 1, 0), bandit_buffer(), 3)
+    agent, metrics = run(small_learner(cvar_risk), racer.init_agent(small(cvar_risk), 2, 1, 0), bandit_buffer(), 3)
     assert bool(metrics["finite"])
     acceleration = float(racer.deterministic_actions(agent, jnp.ones((1, 2)))[0, 0])
     if arm == "risky":

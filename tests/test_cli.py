@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import configs
-from racer_vec.cli import parse_train_args
+from racer_vec.run.train_cli import parse_train_args
 from racer_vec.config import ConfigError, TrainConfig, from_dict, resolve, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,12 +109,12 @@ def test_config_json_round_trip():
 
 
 def test_fast_sim_is_default_and_no_fast_sim_swaps_back():
-    from racer_vec.envs import simulator_id
+    from racer_vec.sim.highway import simulator_id
 
     assert parse_train_args([]).env.fast_sim is True
     stock = parse_train_args(["--env.no-fast-sim"]).env
     assert stock.fast_sim is False and simulator_id(stock) == "highway_env:highway-v0"
-    assert simulator_id(parse_train_args([]).env) == "racer_vec.fast_sim:fast-highway-v0"
-    assert simulator_id(parse_train_args(["highway_fast"]).env) == "racer_vec.fast_sim:fast-highway-fast-v0"
+    assert simulator_id(parse_train_args([]).env) == "racer_vec.sim.fast_sim:fast-highway-v0"
+    assert simulator_id(parse_train_args(["highway_fast"]).env) == "racer_vec.sim.fast_sim:fast-highway-fast-v0"
     with pytest.raises(ConfigError, match="--env.fast-sim"):
         simulator_id(dataclasses.replace(stock, env_id="highway_env:merge-v0", fast_sim=True))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from racer_vec.distributional import categorical_l2_project, cvar
+from racer_vec.learner.distributional import categorical_l2_project, cvar
 
 
 def brute_force_project(target_atoms, probs, support):

@@ -15,7 +15,7 @@ import pytest
 
 import configs
 from racer_vec.config import STEERING, ConfigError, EnvConfig
-from racer_vec.envs import (
+from racer_vec.sim.highway import (
     STEP_KEYS,
     EnvWorkerError,
     close_vector_env,
@@ -188,7 +188,7 @@ def test_env_worker_error_pickles_and_survives_gymnasiums_rewrap():
 
 
 def test_no_jax_in_worker_imports():
-    code = "import sys, racer_vec, racer_vec.envs, racer_vec.rewards, racer_vec.config, configs; print('jax' in sys.modules)"
+    code = "import sys, racer_vec, racer_vec.sim.highway, racer_vec.rewards, racer_vec.config, configs; print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -286,7 +286,7 @@ SIGINT_DRIVER = textwrap.dedent(
     import signal, time
     import numpy as np
     import configs
-    from racer_vec.envs import close_vector_env, make_vector_env
+    from racer_vec.sim.highway import close_vector_env, make_vector_env
 
     def main():
         interrupted = []

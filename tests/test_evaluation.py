@@ -16,8 +16,8 @@ import pytest
 
 import configs
 from racer_vec.config import RewardParams
-from racer_vec.evaluation import EpisodeAccumulator, EpisodeRecord, Evaluator, format_summary, summarize
-from racer_vec.video import PANEL_HEIGHT
+from racer_vec.run.evaluation import EpisodeAccumulator, EpisodeRecord, Evaluator, format_summary, summarize
+from racer_vec.sim.video import PANEL_HEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -186,12 +186,12 @@ def test_periodic_deterministic_evaluation_does_not_depend_on_the_worker_count(t
     """train.py's periodic evaluation: the agent's deterministic actions on 1 and on 3 workers."""
     import jax
 
-    from racer_vec.agent import create_agent, deterministic_actions
-    from racer_vec.checkpoints import Checkpointer, saved_config
+    from racer_vec.learner.agent import init_agent, deterministic_actions
+    from racer_vec.run.checkpoints import Checkpointer, saved_config
     from racer_vec.config import resolve
 
     cfg = resolve(saved_config(tiny_run / "checkpoints", 400))
-    template = jax.eval_shape(lambda: create_agent(cfg.agent, 48, cfg.env.observed_vehicles, 0))
+    template = jax.eval_shape(lambda: init_agent(cfg.agent, 48, cfg.env.observed_vehicles, 0))
     checkpointer = Checkpointer(tiny_run / "checkpoints", keep=5)
     try:
         agent = checkpointer.restore(400, template)[0]
@@ -273,7 +273,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
 
 def test_entry_point_runs_as_a_script_without_jax_at_import():
     # workers re-import the entry module and evaluation's modules: no JAX there (SPEC 2)
-    check = "import sys, evaluate, racer_vec.evaluation, racer_vec.video; assert 'jax' not in sys.modules"
+    check = "import sys, evaluate, racer_vec.run.evaluation, racer_vec.sim.video; assert 'jax' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
     result = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), "--policy", "random"], capture_output=True, text=True

@@ -1,4 +1,4 @@
-"""racer_vec.fast_sim against stock highway-env: bit-identical episodes, and a guard on the
+"""racer_vec.sim.fast_sim against stock highway-env: bit-identical episodes, and a guard on the
 highway-env internals the fast simulator replicates."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from highway_env.vehicle.behavior import IDMVehicle
 from highway_env.vehicle.kinematics import Vehicle
 
 import configs
-from racer_vec import fast_sim
+from racer_vec.sim import fast_sim
 
 # sha256 prefixes of the sources of fast_sim.REPLICATED_INTERNALS in highway-env 1.12.1
 PINNED_SOURCES = {
@@ -91,7 +91,7 @@ def test_highway_env_internals_are_the_checked_ones():
     assert set(PINNED_SOURCES) == set(fast_sim.REPLICATED_INTERNALS)
     changed = [name for name, digest in PINNED_SOURCES.items() if _source_digest(name) != digest]
     assert not changed, (
-        f"highway-env changed code that racer_vec.fast_sim replicates: {changed}. Re-check the fast "
+        f"highway-env changed code that racer_vec.sim.fast_sim replicates: {changed}. Re-check the fast "
         "simulator against the new code, then update PINNED_SOURCES."
     )
 
@@ -115,8 +115,8 @@ def test_fma_emulation_rounds_once():
 
 def test_ids_are_registered_and_build_the_fast_road():
     assert fast_sim.FAST_SIM_IDS == {
-        "highway_env:highway-v0": "racer_vec.fast_sim:fast-highway-v0",
-        "highway_env:highway-fast-v0": "racer_vec.fast_sim:fast-highway-fast-v0",
+        "highway_env:highway-v0": "racer_vec.sim.fast_sim:fast-highway-v0",
+        "highway_env:highway-fast-v0": "racer_vec.sim.fast_sim:fast-highway-fast-v0",
     }
     for stock_id, fast_id in fast_sim.FAST_SIM_IDS.items():
         env = gym.make(fast_id, config={"vehicles_count": 5, "action": {"type": "ContinuousAction"}})
@@ -242,13 +242,13 @@ def test_unsupported_settings_fall_back_to_stock_and_stay_identical():
         "observation": {"type": "Kinematics", "vehicles_count": 5, "normalize": True},
     }
     _run_lockstep("racer_highway", overrides, 0, _weave, 8)
-    env = gym.make("racer_vec.fast_sim:fast-highway-v0", config=overrides)
+    env = gym.make("racer_vec.sim.fast_sim:fast-highway-v0", config=overrides)
     env.reset(seed=0)
     assert env.unwrapped.road._scene() is None
 
 
 def test_road_queries_match_stock_including_ties():
-    env = gym.make("racer_vec.fast_sim:fast-highway-v0", config=configs.PRESETS["racer_highway"].env.highway_config())
+    env = gym.make("racer_vec.sim.fast_sim:fast-highway-v0", config=configs.PRESETS["racer_highway"].env.highway_config())
     env.reset(seed=7)
     for _ in range(3):
         env.step(np.array([0.3, 0.02], dtype=np.float32))

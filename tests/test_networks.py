@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from racer_vec import networks
+from racer_vec.learner import networks
 from racer_vec.config import AgentConfig
 
 CFG = AgentConfig(hidden_dims=(32, 32), encoder="pointnet", pointnet_dim=16, num_qs=3, num_atoms=11)

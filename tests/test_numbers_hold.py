@@ -41,7 +41,7 @@ def untimed_metrics(run_dir: Path) -> list[dict]:
 def fast_sim_episode() -> dict:
     """One `racer_highway` episode (50 vehicles) of the fast simulator with seeded random actions."""
     import configs
-    from racer_vec.envs import make_env
+    from racer_vec.sim.highway import make_env
 
     env_cfg = dataclasses.replace(configs.PRESETS["racer_highway"].env, fast_sim=True)
     env = make_env(env_cfg, seed=3)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from racer_vec import replay
+from racer_vec.learner import replay
 
 
 def transitions(start, n, obs_dim=3):

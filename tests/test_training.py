@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, TINY_ARGS, run_train
-from racer_vec.checkpoints import Checkpointer
+from racer_vec.run.checkpoints import Checkpointer
 from racer_vec.config import TrainConfig, from_dict
 
 METRIC_KEYS = {
@@ -62,7 +62,7 @@ def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
     assert after["wall_time"] > before["wall_time"]
 
     # The buffer restored on resume is the one saved at 400 steps, bit for bit.
-    from racer_vec.training import Trainer
+    from racer_vec.run.training import Trainer
 
     cfg = dataclasses.replace(
         from_dict(TrainConfig, json.loads((tiny_run / "config.json").read_text())),
@@ -242,9 +242,9 @@ def test_run_past_its_restart_limit_stops_with_a_checkpoint(tmp_path):
 def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
     """Replay each worker's env in-process with the buffer's actions: every stored row must match."""
     from conftest import TINY_ARGS as args
-    from racer_vec import envs as env_layer
-    from racer_vec.cli import parse_train_args
-    from racer_vec.training import Trainer
+    from racer_vec.sim import highway
+    from racer_vec.run.train_cli import parse_train_args
+    from racer_vec.run.training import Trainer
 
     cfg = dataclasses.replace(
         parse_train_args(list(args)), wandb_mode="disabled", eval_interval=0, runs_dir=str(tmp_path), run_name="boundaries",
@@ -256,7 +256,7 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
         trainer.setup()
         obs, _ = trainer.envs.reset(seed=cfg.seed)
         for _ in range(steps):
-            obs = trainer.iteration(obs)
+            obs = trainer.vector_step(obs)
         stored = {k: np.asarray(getattr(trainer.buffer, k)) for k in ("observations", "actions", "masks", "next_observations")}
     finally:
         trainer.close()
@@ -264,7 +264,7 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
     n = cfg.num_envs
     ends = 0
     for i in range(n):
-        env = env_layer.make_env(cfg.env, seed=cfg.seed + i)
+        env = highway.make_env(cfg.env, seed=cfg.seed + i)
         replica_obs, _ = env.reset(seed=cfg.seed + i)
         for t in range(steps):
             row = t * n + i
@@ -283,8 +283,8 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
 def test_the_loop_compiles_its_calls_once(tmp_path):
     """The sampler and the update compile on the first iteration only. (An uncommitted PRNG key
     once made the sampler compile a second time on the second iteration, ~1 s of a timed loop.)"""
-    from racer_vec.cli import parse_train_args
-    from racer_vec.training import Trainer
+    from racer_vec.run.train_cli import parse_train_args
+    from racer_vec.run.training import Trainer
 
     cfg = parse_train_args([*TINY_ARGS, "--runs-dir", str(tmp_path), "--run-name", "once", "--wandb-mode", "disabled",
                             "--eval-interval", "0", "--start-training", "32"])
@@ -293,10 +293,10 @@ def test_the_loop_compiles_its_calls_once(tmp_path):
         trainer.setup()
         obs = trainer.envs.reset(seed=0)[0]
         for _ in range(40):  # 80 env steps: random actions to 32, then sampling and updates
-            obs = trainer.iteration(obs)
+            obs = trainer.vector_step(obs)
         assert trainer.counters.updates > 10
         assert trainer._sample._cache_size() == 1
-        assert trainer.learner.update._cache_size() == 1
+        assert trainer.learner.iteration._cache_size() == 1
     finally:
         trainer.close()
 
@@ -319,8 +319,8 @@ def test_the_same_command_trains_the_same_run(tiny_run, tmp_path):
 
 
 def _trainer(tmp_path, *extra, name="inproc"):
-    from racer_vec.cli import parse_train_args
-    from racer_vec.training import Trainer
+    from racer_vec.run.train_cli import parse_train_args
+    from racer_vec.run.training import Trainer
 
     cfg = parse_train_args([*TINY_ARGS, "--runs-dir", str(tmp_path), "--run-name", name, "--wandb-mode", "disabled",
                             *extra])  # fmt: skip
@@ -336,7 +336,7 @@ class FakeEvaluator:
         self.seconds, self.faults, self.calls, self.closed = seconds, faults, 0, False
 
     def evaluate(self, policy, num_episodes, seed, should_stop=None):
-        from racer_vec.envs import WorkerFault
+        from racer_vec.sim.highway import WorkerFault
 
         self.calls += 1
         time.sleep(self.seconds)
@@ -387,7 +387,7 @@ def test_a_periodic_evaluation_fault_skips_it_and_rebuilds_the_evaluator(tmp_pat
 
 
 def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
-    from racer_vec.envs import WorkerFault
+    from racer_vec.sim.highway import WorkerFault
 
     trainer = _trainer(tmp_path, "--eval-interval", "0")
     envs = trainer.envs
@@ -399,7 +399,7 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
 
         envs.step_wait = driver_bug
         with pytest.raises(RuntimeError, match="a bug in the driver") as raised:
-            trainer.iteration(obs)
+            trainer.vector_step(obs)
         assert not isinstance(raised.value, WorkerFault) and trainer.counters.worker_restarts_total == 0
     finally:
         del envs.step_wait  # the pending step completes on close
@@ -410,17 +410,17 @@ def test_no_update_before_the_buffer_holds_a_transition(tmp_path):
     trainer = _trainer(tmp_path, "--eval-interval", "0", "--start-training", "0", "--batch-size", "2")
     try:
         obs = trainer.envs.reset(seed=0)[0]
-        obs = trainer.iteration(obs)
+        obs = trainer.vector_step(obs)
         assert trainer.counters.updates == 0  # the buffer was empty during the first step
-        trainer.iteration(obs)
+        trainer.vector_step(obs)
         assert trainer.counters.updates == 1 and bool(trainer.last_metrics["finite"])
     finally:
         trainer.close()
 
 
 def test_resume_restores_the_buffer_that_was_in_memory(tmp_path):
-    from racer_vec.cli import parse_train_args
-    from racer_vec.training import Trainer
+    from racer_vec.run.train_cli import parse_train_args
+    from racer_vec.run.training import Trainer
 
     fields = ("observations", "actions", "rewards", "masks", "next_observations", "position", "size")
     trainer = _trainer(tmp_path, "--eval-interval", "0", "--max-steps", "140", "--save-buffer", name="buf")

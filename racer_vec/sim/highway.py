@@ -34,6 +34,7 @@ from gymnasium.envs.registration import load_env_creator
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
 from racer_vec.config import ConfigError, EnvConfig
+from racer_vec.sim.video import configure_headless
 
 OBS_CLIP = 100.0
 STEP_KEYS = ("offroad", "crashed", "speed", "forward_speed", "nearest_distance", "offroad_terminated")
@@ -171,11 +172,51 @@ class TagErrors(gym.Wrapper):
             raise self._tagged(e) from e
 
 
+class EpisodeControl(gym.Wrapper):
+    """Worker side of evaluation: idles from the end of its episode until the next reset, and films.
+
+    Idle, `step` returns the final observation without simulating, so workers without an episode
+    left cost no CPU. With `filming` set (per env, with `set_attr`), reset and step infos carry
+    the rendered frame as `info["frame"]`.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        if env.render_mode is not None:
+            configure_headless()  # in the worker, before pygame's display starts
+        self.filming = False
+        self._running = False
+        self._final_obs = np.zeros(self.observation_space.shape, self.observation_space.dtype)
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._running = True
+        return obs, self._with_frame(info)
+
+    def step(self, action):
+        if not self._running:
+            return self._final_obs, 0.0, False, False, {}
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            self._running = False
+            self._final_obs = obs
+        return obs, reward, terminated, truncated, self._with_frame(info)
+
+    def _with_frame(self, info: dict) -> dict:
+        if not self.filming:
+            return info
+        frame = self.env.render()
+        # Once a frame was taken, highway-env also renders every intermediate simulation frame of
+        # the next step (for its own video recorder); they are discarded here.
+        self.env.unwrapped.enable_auto_render = False
+        return {**info, "frame": frame}
+
+
 def simulator_id(env_cfg: EnvConfig) -> str:
     """The env id to build: the fast simulator's twin of `env_id` unless --env.no-fast-sim."""
     if not env_cfg.fast_sim:
         return env_cfg.env_id
-    from racer_vec.fast_sim import FAST_SIM_IDS
+    from racer_vec.sim.fast_sim import FAST_SIM_IDS
 
     if env_cfg.env_id not in FAST_SIM_IDS:
         raise ConfigError(
@@ -249,7 +290,7 @@ def make_vector_env(
         # Import the simulator once in the forkserver (it only reads this before it starts): each
         # worker is then forked ready instead of importing gymnasium, pandas and highway-env anew
         # (~0.1 s instead of ~1.7 s per vector env on the 2-core machine). "__main__" is the default.
-        preload = ["__main__", "racer_vec.envs", "highway_env", "racer_vec.fast_sim"]
+        preload = ["__main__", "racer_vec.sim.highway", "highway_env", "racer_vec.sim.fast_sim"]
         if wrapper is not None:
             preload.append(wrapper.__module__)
         multiprocessing.get_context("forkserver").set_forkserver_preload(preload)

@@ -18,27 +18,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from racer_vec.config import ACTION_DIM
-
-DATA_AXIS = "batch"
-"""Mesh axis over which minibatches are split when there are several devices."""
-
-
-def data_mesh() -> Mesh:
-    """All local devices on one data-parallel axis."""
-    return Mesh(np.array(jax.devices()), (DATA_AXIS,))
-
-
-def replicated_sharding() -> jax.sharding.Sharding:
-    """Where the agent and the buffer live: replicated on every device. Arrays placed explicitly
-    are "committed", as are the arrays orbax restores, so a fresh and a restored agent hit the
-    same compiled update."""
-    if jax.device_count() == 1:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return NamedSharding(data_mesh(), PartitionSpec())
-
+from racer_vec.learner.devices import replicated_sharding
 
 class Batch(NamedTuple):
     observations: jax.Array

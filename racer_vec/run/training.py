@@ -3,7 +3,7 @@
 One iteration:
     actions = sample_actions(agent, obs)        # on device, for all N envs at once
     envs.step_async(actions)                    # workers simulate ...
-    agent = learner.update(agent, buffer)       # ... while XLA runs the update (async dispatch)
+    agent = learner.iteration(agent, buffer)    # ... while XLA runs the update (async dispatch)
     envs.step_wait()
     training reward in numpy over N; buffer = insert(buffer, N transitions)  # one jitted call
 """
@@ -11,29 +11,25 @@ One iteration:
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import sys
 import time
-from datetime import datetime
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from racer_vec import envs as env_layer
-from racer_vec.agent import create_agent, make_learner, reset_agent
-from racer_vec.checkpoints import Checkpointer, damage_warning
 from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig, to_dict
-from racer_vec.evaluation import EvaluationInterrupted, Evaluator
-from racer_vec.progress import ProgressDisplay
-from racer_vec.provenance import machine_info, source_commit
-from racer_vec.replay import init_buffer, insert, replicated_sharding
-from racer_vec.rewards import training_reward
+from racer_vec.learner.agent import init_agent, make_learner, reset_agent
+from racer_vec.learner.devices import replicated_sharding
+from racer_vec.learner.replay import init_buffer, insert
+from racer_vec.run.checkpoints import Checkpointer, damage_warning
+from racer_vec.run.evaluation import STOP_SIGNALS, EvaluationInterrupted, Evaluator
+from racer_vec.run.progress import ProgressDisplay
+from racer_vec.run.run_dir import RunDirectory
+from racer_vec.sim import highway
+from racer_vec.sim.rewards import training_reward
 
 EMA_WEIGHT = 0.01
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Ctrl-C, and a cluster scheduler's preemption: both end the run with a checkpoint (SPEC 8, 10)."""
 
 
 class TrainingStopped(Exception):
@@ -122,12 +118,12 @@ def _crossed(before: int, after: int, interval: int) -> bool:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.runs_dir) / (cfg.run_name or _default_run_name(cfg))
+        self.directory = RunDirectory(cfg)
+        self.run_dir = self.directory.path
         self.reward_params = RewardParams.build(cfg.reward, cfg.env)
         self.interrupted = False
         self.envs = None
         self.evaluator = None
-        self.wandb_run = None
         # updates need a non-empty buffer, even with --start-training 0
         self.counters = Counters(learning_starts=max(cfg.start_training, cfg.num_envs))
         self.stored = 0
@@ -141,7 +137,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         # Probing one env validates the env config (unknown keys, ids) before any worker starts.
-        probe = env_layer.make_env(cfg.env)
+        probe = highway.make_env(cfg.env)
         self.obs_dim = obs_dim = probe.observation_space.shape[0]
         probe.close()
 
@@ -151,36 +147,24 @@ class Trainer:
             utd_ratio=cfg.utd_ratio,
             updates_per_iteration=cfg.updates_per_iteration,
         )
-        self.agent = create_agent(cfg.agent, obs_dim, cfg.env.observed_vehicles, cfg.seed)
+        self.agent = init_agent(cfg.agent, obs_dim, cfg.env.observed_vehicles, cfg.seed)
         self.buffer = init_buffer(cfg.buffer_size, obs_dim, ACTION_DIM)
         # Committed like the agent and like the key _sample returns: an uncommitted key compiles
         # the sampler a second time on the second iteration (~1 s).
         self.action_key = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated_sharding())
         self.random_actions = np.random.default_rng(cfg.seed)
 
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.directory.checkpoints, keep=cfg.keep_checkpoints)
         if cfg.resume:
             self._restore()
-        else:
-            if self.checkpointer.latest_step() is not None:
-                raise ConfigError(f"--run-name {self.run_dir.name}: {self.run_dir} already holds a run (use --resume)")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        # One line per start or resume: which code and machine produced which part of the run.
-        session = {
-            "started": datetime.now().isoformat(timespec="seconds"),
-            "env_steps": self.counters.env_steps,
-            **source_commit(),
-            "machine": machine_info(),
-        }
-        with open(self.run_dir / "run_info.jsonl", "a") as f:
-            f.write(json.dumps(session) + "\n")
+        elif self.checkpointer.latest_step() is not None:
+            raise ConfigError(f"--run-name {self.run_dir.name}: {self.run_dir} already holds a run (use --resume)")
+        self.directory.open(self.counters.env_steps)
 
         self._sample = jax.jit(self._sample_actions)
-        self.envs = env_layer.make_vector_env(cfg.env, cfg.num_envs, seed=cfg.seed)
+        self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=cfg.seed)
         if cfg.eval_interval > 0:
             self.evaluator = self._make_evaluator()
-        self._init_wandb()
 
     def _sample_actions(self, agent, obs, key):
         key, sub = jax.random.split(key)
@@ -211,22 +195,6 @@ class Trainer:
             flush=True,
         )
 
-    def _init_wandb(self) -> None:
-        if self.cfg.wandb_mode == "disabled":
-            return
-        import wandb
-
-        self.wandb_run = wandb.init(
-            project=self.cfg.wandb_project,
-            name=self.run_dir.name,
-            id=self.run_dir.name.replace("/", "_"),
-            resume="allow",
-            dir=str(self.run_dir),
-            mode=self.cfg.wandb_mode,
-            config=to_dict(self.cfg),
-            settings=wandb.Settings(console="off", silent=True),
-        )
-
     # ------------------------------------------------------------------------------- main loop
     def run(self) -> int:
         cfg, c = self.cfg, self.counters
@@ -237,8 +205,8 @@ class Trainer:
             tick = time.perf_counter()
             while c.env_steps < cfg.max_steps and not self.interrupted:
                 try:
-                    obs = self.iteration(obs)
-                except env_layer.WorkerFault as fault:
+                    obs = self.vector_step(obs)
+                except highway.WorkerFault as fault:
                     tick = self._clock(tick, training=True)
                     obs = self._replace_workers(fault)
                     tick = self._clock(tick, training=False)
@@ -299,10 +267,10 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
 
-    def iteration(self, obs: np.ndarray) -> np.ndarray:
+    def vector_step(self, obs: np.ndarray) -> np.ndarray:
         """One vector step: act, learn while the workers simulate, store N transitions.
 
-        A worker fault raises env_layer.WorkerFault before anything of the step is stored.
+        A worker fault raises highway.WorkerFault before anything of the step is stored.
         """
         cfg, c = self.cfg, self.counters
         if c.env_steps >= cfg.start_training:
@@ -311,16 +279,16 @@ class Trainer:
         else:
             actions = self.random_actions.uniform(-1.0, 1.0, (cfg.num_envs, ACTION_DIM)).astype(np.float32)
 
-        env_layer.vector_call(self.envs, self.envs.step_async, actions)
+        highway.vector_call(self.envs, self.envs.step_async, actions)
         if c.env_steps >= c.learning_starts:
             # Dispatched asynchronously: XLA learns while the workers simulate.
-            self.agent, self.last_metrics = self.learner.update(self.agent, self.buffer)
+            self.agent, self.last_metrics = self.learner.iteration(self.agent, self.buffer)
             c.updates += cfg.updates_per_iteration
             c.critic_updates += cfg.updates_per_iteration * cfg.utd_ratio
-        next_obs, env_reward, terminated, truncated, infos = env_layer.vector_call(self.envs, self.envs.step_wait)
+        next_obs, env_reward, terminated, truncated, infos = highway.vector_call(self.envs, self.envs.step_wait)
 
-        values = env_layer.step_values(infos, cfg.num_envs)
-        real_next_obs = env_layer.final_observations(next_obs, infos)
+        values = highway.step_values(infos, cfg.num_envs)
+        real_next_obs = highway.final_observations(next_obs, infos)
         rewards = training_reward(real_next_obs, env_reward, values["rewards"], values["offroad"], self.reward_params)
         train_reward = rewards["training_reward"]
         # Truncation (time limit) still bootstraps; only crashes and offroad terminations do not.
@@ -342,15 +310,15 @@ class Trainer:
     # ---------------------------------------------------------------------------- worker faults
     def _reset_envs(self, seed: int) -> np.ndarray:
         try:
-            return env_layer.vector_call(self.envs, self.envs.reset, seed=seed)[0]
-        except env_layer.WorkerFault as fault:
+            return highway.vector_call(self.envs, self.envs.reset, seed=seed)[0]
+        except highway.WorkerFault as fault:
             return self._replace_workers(fault)
 
-    def _replace_workers(self, fault: env_layer.WorkerFault) -> np.ndarray:
+    def _replace_workers(self, fault: highway.WorkerFault) -> np.ndarray:
         """SPEC 10: close the faulted vector env and start a new one; the running episodes end
         there (nothing of the faulted step was stored), learner, buffer and counters carry on."""
         cfg, c = self.cfg, self.counters
-        env_layer.close_vector_env(self.envs, faulted=True)
+        highway.close_vector_env(self.envs, faulted=True)
         self.envs = None
         if self.interrupted or fault.exitcode == -signal.SIGTERM:
             # a SIGTERM to the whole process group reached the workers too: stop, do not replace
@@ -371,7 +339,7 @@ class Trainer:
         self.tracker.abandon()
         # new seeds, still determined by the run: seed + 1000 * restarts + env index
         seed = cfg.seed + 1000 * c.worker_restarts_total
-        self.envs = env_layer.make_vector_env(cfg.env, cfg.num_envs, seed=seed)
+        self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=seed)
         return self._reset_envs(seed=seed)
 
     # ------------------------------------------------------------------------ logging and eval
@@ -411,10 +379,7 @@ class Trainer:
         }
         self.pending_eval = {}
         self.last_logged_step = c.env_steps
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(record, step=c.env_steps)
+        self.directory.log(record)
         self.display.log(record)
 
     def _evaluate(self) -> None:
@@ -434,7 +399,7 @@ class Trainer:
             )
         except EvaluationInterrupted:
             return  # the run stops at this step: nothing to report
-        except env_layer.WorkerFault as fault:
+        except highway.WorkerFault as fault:
             if not self.interrupted:  # a SIGTERM to the process group ends the run: no rebuild
                 self._rebuild_evaluator(fault.describe("evaluation worker"), skipped=True)
             return
@@ -468,15 +433,11 @@ class Trainer:
     # -------------------------------------------------------------------------------- teardown
     def close(self) -> None:
         if self.envs is not None:
-            env_layer.close_vector_env(self.envs, faulted=False)
+            highway.close_vector_env(self.envs, faulted=False)
             self.envs = None
         if self.evaluator is not None:
             self.evaluator.close()
-        if self.wandb_run is not None:
-            import wandb
-
-            self.wandb_run.finish()
-            wandb.teardown()
+        self.directory.close()
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
 
@@ -484,10 +445,6 @@ class Trainer:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[-1][:300] if lines else type(exc).__name__
-
-
-def _default_run_name(cfg: TrainConfig) -> str:
-    return f"{cfg.preset}_s{cfg.seed}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def _stop_start_up(signum, frame):

@@ -48,14 +48,14 @@ CHECKED_HIGHWAY_ENV_VERSION = "1.12.1"
 """The highway-env release whose internals this module replicates (tests/test_fast_sim.py checks it)."""
 
 FAST_SIM_IDS = {
-    "highway_env:highway-v0": "racer_vec.fast_sim:fast-highway-v0",
-    "highway_env:highway-fast-v0": "racer_vec.fast_sim:fast-highway-fast-v0",
+    "highway_env:highway-v0": "racer_vec.sim.fast_sim:fast-highway-v0",
+    "highway_env:highway-fast-v0": "racer_vec.sim.fast_sim:fast-highway-fast-v0",
 }
 """Stock env id -> the fast env id of the same scene."""
 
 if highway_env.__version__ != CHECKED_HIGHWAY_ENV_VERSION:
     warnings.warn(
-        f"racer_vec.fast_sim replicates highway-env {CHECKED_HIGHWAY_ENV_VERSION} internals but "
+        f"racer_vec.sim.fast_sim replicates highway-env {CHECKED_HIGHWAY_ENV_VERSION} internals but "
         f"highway-env {highway_env.__version__} is installed: run tests/test_fast_sim.py",
         stacklevel=2,
     )
@@ -208,7 +208,7 @@ def numerics_are_exact() -> bool:
     if not exact:
         warnings.warn(
             "numpy's vectorized math differs from its scalar math on this machine: "
-            "racer_vec.fast_sim falls back to the (exact, slow) stock highway-env code",
+            "racer_vec.sim.fast_sim falls back to the (exact, slow) stock highway-env code",
             stacklevel=2,
         )
     return exact
@@ -784,11 +784,11 @@ class _FastSimEnv:
 
 
 class FastHighwayEnv(_FastSimEnv, HighwayEnv):
-    """highway-v0 on the fast simulator (gym id `racer_vec.fast_sim:fast-highway-v0`)."""
+    """highway-v0 on the fast simulator (gym id `racer_vec.sim.fast_sim:fast-highway-v0`)."""
 
 
 class FastHighwayEnvFast(_FastSimEnv, HighwayEnvFast):
-    """highway-fast-v0 on the fast simulator (gym id `racer_vec.fast_sim:fast-highway-fast-v0`).
+    """highway-fast-v0 on the fast simulator (gym id `racer_vec.sim.fast_sim:fast-highway-fast-v0`).
 
     HighwayEnvFast's own rule is kept: its non-controlled vehicles do not check collisions, so a
     pair of them is never tested (the broad phase drops it like `handle_collisions` does).

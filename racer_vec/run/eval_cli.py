@@ -1,0 +1,284 @@
+"""evaluate.py's command (design §7): evaluate a checkpoint, or a baseline policy, and report.
+
+No JAX at module level (evaluate.py imports it inside main()); the agent is loaded inside
+`build_policy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+import configs
+from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig, check_finite, resolve, to_dict
+from racer_vec.run.evaluation import (
+    METRICS_FILE, STOP_SIGNALS, EvaluationInterrupted, Evaluator, Policy, format_summary, summarize,
+)  # fmt: skip
+from racer_vec.sim import highway
+from racer_vec.sim.video import VideoRecorder
+
+PresetName = Literal[tuple(configs.PRESETS)]  # type: ignore[valid-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalArgs:
+    """Evaluate a RACER checkpoint, or a baseline policy, on highway-env (SPEC 7)."""
+
+    checkpoint: str | None = None
+    """A run directory, its checkpoints/ directory, or one step's directory (else the latest step).
+    The agent and the env are rebuilt from the checkpoint's own saved config."""
+    policy: Literal["agent", "zero", "constant", "random"] = "agent"
+    """`agent`: the checkpoint's actor. Baselines: `zero`, `constant` (--constant-action), `random`
+    (uniform); they need --preset, or a --checkpoint whose env they then use."""
+    preset: PresetName | None = None
+    """The preset whose env a baseline policy runs on."""
+    constant_action: tuple[float, float] = (0.5, 0.0)
+    """The `constant` baseline's action: acceleration, steering, in [-1, 1]."""
+    num_episodes: int = 20
+    num_workers: int = 4
+    """Env worker processes (at most one per episode); the results do not depend on it."""
+    seed: int = 0
+    """Episode k uses env seed `seed + k`; sampled actions use a key derived from seed, k and the step."""
+    render: bool = True
+    """Write MP4 videos of the first --max-videos episodes."""
+    max_videos: int = 3
+    deterministic: bool = False
+    """Act with tanh of the actor's mean (mapped onto the limited range) instead of sampling."""
+    output_dir: str | None = None
+    """Where evaluation_metrics.json and the videos go; default: <run>/eval/<step>, or eval/<policy>_<preset>."""
+    duration: int | None = None
+    """Override the env's episode duration (s), e.g. for a quick look; default: the config's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What is evaluated: the config it runs with, and where its checkpoint is (None for a preset)."""
+
+    cfg: TrainConfig
+    label: str
+    """Names the videos: highway_eval_<label>_episode_<k>.mp4."""
+    output_dir: Path
+    checkpoint_dir: Path | None = None
+    step: int | None = None
+
+
+def validate_args(args: EvalArgs) -> None:
+    for flag, value in (("--num-episodes", args.num_episodes), ("--num-workers", args.num_workers)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    check_finite(args)
+    for flag, value in (("--max-videos", args.max_videos), ("--seed", args.seed)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError(f"--duration must be positive, got {args.duration}")
+    if not all(-1.0 <= a <= 1.0 for a in args.constant_action):
+        raise ConfigError(f"--constant-action must be in [-1, 1], got {args.constant_action}")
+    if args.policy == "agent":
+        if args.checkpoint is None:
+            raise ConfigError("--checkpoint is required to evaluate an agent (or choose a baseline with --policy)")
+        if args.preset is not None:
+            raise ConfigError("--preset is only for baseline policies: a checkpoint brings its own config")
+    else:
+        if args.checkpoint is None and args.preset is None:
+            raise ConfigError(f"--policy {args.policy} needs --preset NAME (the env to run on)")
+        if args.checkpoint is not None and args.preset is not None:
+            raise ConfigError("give either --preset or --checkpoint for a baseline's env, not both")
+        if args.deterministic:
+            raise ConfigError(f"--deterministic applies to the agent, not to --policy {args.policy}")
+
+
+def resolve_target(args: EvalArgs) -> Target:
+    """The config and names of what `args` evaluates; ConfigError for a bad checkpoint path."""
+    if args.checkpoint is None:
+        cfg = configs.PRESETS[args.preset]
+        label = f"{args.policy}_{args.preset}"
+        target = Target(resolve(cfg), label, Path("eval") / label)
+    else:
+        from racer_vec.run.checkpoints import (
+            EVALUATION_ITEMS, DamagedCheckpoint, damage_warning, locate, newest_intact, saved_config, verify,
+        )  # fmt: skip
+
+        path = Path(args.checkpoint)
+        if path.is_file():
+            raise ConfigError(f"--checkpoint {path}: not a directory")
+        directory, step = locate(path)
+        if step is None:  # the newest intact step (SPEC 10)
+            step, damaged = newest_intact(directory)
+            if damaged:
+                print(damage_warning(damaged, step), file=sys.stderr, flush=True)
+        else:
+            try:
+                verify(directory / str(step), EVALUATION_ITEMS)
+            except DamagedCheckpoint as exc:
+                raise ConfigError(f"--checkpoint {directory / str(step)}: damaged checkpoint ({exc})") from None
+        try:
+            cfg = resolve(saved_config(directory, step))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"--checkpoint {directory / str(step)}: unreadable saved config ({exc})") from None
+        run = directory.parent
+        suffix = "" if args.policy == "agent" else f"_{args.policy}"
+        suffix += "_deterministic" if args.deterministic else ""
+        label = f"{run.name}_{step}{suffix}"
+        target = Target(cfg, label, run / "eval" / f"{step}{suffix}", directory, step)
+    if args.duration is not None:
+        cfg = dataclasses.replace(target.cfg, env=dataclasses.replace(target.cfg.env, duration=args.duration))
+        target = dataclasses.replace(target, cfg=cfg)
+    if args.output_dir is not None:
+        target = dataclasses.replace(target, output_dir=Path(args.output_dir))
+    return target
+
+
+def build_policy(args: EvalArgs, target: Target, obs_dim: int) -> Policy:
+    """The action function of the evaluated policy (loads and checks the checkpoint for `agent`)."""
+    if args.policy == "zero":
+        return lambda obs, ids, steps: np.zeros((obs.shape[0], ACTION_DIM), np.float32)
+    if args.policy == "constant":
+        action = np.asarray(args.constant_action, np.float32)
+        return lambda obs, ids, steps: np.broadcast_to(action, (obs.shape[0], ACTION_DIM))
+
+    import jax
+
+    base_key = jax.random.PRNGKey(args.seed)
+
+    def row_keys(episode_ids, steps):
+        # one key per (episode, step): an episode's actions do not depend on which worker runs it
+        return jax.vmap(lambda k, t: jax.random.fold_in(jax.random.fold_in(base_key, k), t))(episode_ids, steps)
+
+    if args.policy == "random":
+        uniform = jax.jit(
+            lambda ids, steps: jax.vmap(lambda key: jax.random.uniform(key, (ACTION_DIM,), minval=-1.0, maxval=1.0))(
+                row_keys(ids, steps)
+            )
+        )
+        return lambda obs, ids, steps: np.asarray(uniform(ids, steps))
+
+    agent, learner = _restore_agent(target, obs_dim)
+    if args.deterministic:
+        return lambda obs, ids, steps: np.asarray(learner.deterministic_actions(agent, obs))
+
+    @jax.jit
+    def sample(agent, obs, ids, steps):
+        one = lambda o, key: learner.sample_actions(agent, o[None], key)[0]  # noqa: E731
+        return jax.vmap(one)(obs, row_keys(ids, steps))
+
+    return lambda obs, ids, steps: np.asarray(sample(agent, obs, ids, steps))
+
+
+def _restore_agent(target: Target, obs_dim: int):
+    import jax
+
+    from racer_vec.learner.agent import init_agent, make_learner
+    from racer_vec.run.checkpoints import Checkpointer, DamagedCheckpoint
+
+    cfg = target.cfg
+    learner = make_learner(
+        cfg.agent, batch_size=cfg.batch_size, utd_ratio=cfg.utd_ratio, updates_per_iteration=cfg.updates_per_iteration
+    )
+    try:
+        # shapes and dtypes are all a restore needs: eval_shape spares compiling the agent's initializer
+        template = jax.eval_shape(lambda: init_agent(cfg.agent, obs_dim, cfg.env.observed_vehicles, cfg.seed))
+    except ValueError as exc:
+        raise ConfigError(f"--checkpoint {target.checkpoint_dir}: saved config does not fit its env ({exc})") from None
+    checkpointer = Checkpointer(target.checkpoint_dir, keep=cfg.keep_checkpoints)
+    try:
+        agent, _, _ = checkpointer.restore(target.step, template)
+    except DamagedCheckpoint as exc:
+        raise ConfigError(f"--checkpoint {target.checkpoint_dir / str(target.step)}: damaged checkpoint ({exc})") from None
+    finally:
+        checkpointer.close()
+    return agent, learner
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[bold]evaluate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("episodes"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+
+def run_evaluation(args: EvalArgs) -> int:
+    """evaluate.py's work; raises ConfigError on a user mistake, returns the exit code otherwise."""
+    validate_args(args)
+    target = resolve_target(args)
+    env_cfg = target.cfg.env
+    # a probe env checks the env config (unknown keys or id) before anything else starts
+    probe = highway.make_env(env_cfg)
+    obs_dim = probe.observation_space.shape[0]
+    probe.close()
+    policy = build_policy(args, target, obs_dim)
+
+    num_filmed = min(args.max_videos, args.num_episodes) if args.render else 0
+    num_workers = min(args.num_workers, args.num_episodes)
+    recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
+    evaluator = Evaluator(env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0)
+    interrupted = []
+    # Ctrl-C (and SIGTERM, SPEC 10) stops between vector steps (the workers ignore SIGINT, SPEC 8)
+    previous = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in STOP_SIGNALS}
+    try:
+        with _progress() as progress:
+            task = progress.add_task("evaluate", total=args.num_episodes)
+            episodes = evaluator.run(
+                policy,
+                args.num_episodes,
+                args.seed,
+                recorder=recorder,
+                num_filmed=num_filmed,
+                on_episode=lambda record: progress.advance(task),
+                should_stop=lambda: bool(interrupted),
+            )
+    except highway.WorkerFault as fault:
+        if not interrupted:  # else a SIGTERM to the process group stopped the workers too
+            print(f"error: {fault.describe()}; evaluation_metrics.json not written", file=sys.stderr)
+            return 1
+        print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
+        return 130
+    except EvaluationInterrupted:
+        print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if recorder is not None:
+            recorder.close()
+        evaluator.close()
+
+    summary = summarize(episodes)
+    videos = recorder.written if recorder is not None else {}
+    report = {
+        "summary": summary,
+        "episodes": [{**e.to_json(), "video": str(videos[e.episode]) if e.episode in videos else None} for e in episodes],
+        "config": {
+            "evaluation": {**dataclasses.asdict(args), "num_workers_used": num_workers},
+            "checkpoint": None
+            if target.checkpoint_dir is None
+            else {"directory": str(target.checkpoint_dir), "step": target.step},
+            "train": to_dict(target.cfg),
+        },
+    }
+    target.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = target.output_dir / METRICS_FILE
+    metrics_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(format_summary(summary))
+    print(f"\nmetrics: {metrics_path}")
+    for k in sorted(videos):
+        print(f"video:   {videos[k]}")
+    return 0

@@ -1,0 +1,313 @@
+"""Evaluation episodes and their metrics (design §7): the Evaluator, used by train.py's periodic
+evaluation and by evaluate.py (racer_vec.run.eval_cli).
+
+Episode k always runs with seed `seed + k`, whatever the worker count: the vector env has autoreset
+DISABLED and finished envs are reset here with the next episode's seed. Sampled actions use a key
+derived from (k, step), and actions are computed on a padded batch of fixed size EVAL_BATCH,
+because XLA on CPU gives results that differ by ~1e-6 between batch sizes, and that is enough to
+change an episode. So an evaluation gives the same numbers with any number of workers.
+
+No JAX here: the policy is a function handed in by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from typing import Callable
+
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+from racer_vec.config import EnvConfig, RewardParams
+from racer_vec.sim import highway
+from racer_vec.sim.rewards import training_reward
+from racer_vec.sim.video import FrameStats, VideoRecorder
+
+EVAL_BATCH = 16
+SAFETY_RISK_THRESHOLD = -0.5
+"""A step violates safety when its collision risk is below this, or when the ego is offroad."""
+METRICS_FILE = "evaluation_metrics.json"
+RULE = "=" * 50
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Both stop a run or an evaluation cleanly: Ctrl-C, and a scheduler's preemption (SPEC 10)."""
+
+class EvaluationInterrupted(Exception):
+    """`should_stop` asked to stop; raised between vector steps, so the workers close cleanly."""
+
+
+# policy(obs[EVAL_BATCH, obs_dim], episode_ids[EVAL_BATCH], steps[EVAL_BATCH]) -> actions[EVAL_BATCH, 2]
+Policy = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclasses.dataclass
+class EpisodeRecord:
+    episode: int
+    seed: int
+    episode_return: float
+    """The env's reward summed."""
+    training_return: float
+    length: int
+    crashed: bool
+    offroad_terminated: bool
+    safety_violation_rate: float
+    """Fraction of steps with collision risk < -0.5 or offroad."""
+    min_distance: float | None
+    """Mean over steps of the nearest-vehicle distance (m), steps without one skipped; None if none had one."""
+    ego_speed: float
+    """Mean over steps of the forward speed (m/s)."""
+
+    def to_json(self) -> dict:
+        return {("return" if k == "episode_return" else k): v for k, v in dataclasses.asdict(self).items()}
+
+
+def summarize(episodes: list[EpisodeRecord]) -> dict:
+    """The SPEC 7 summary; rates are fractions in [0, 1], standard deviations over episodes (ddof 0)."""
+    returns = np.array([e.episode_return for e in episodes])
+    lengths = np.array([e.length for e in episodes])
+    crashed = np.array([e.crashed for e in episodes])
+    offroad = np.array([e.offroad_terminated for e in episodes])
+    distances = [e.min_distance for e in episodes if e.min_distance is not None]
+    return {
+        "num_episodes": len(episodes),
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "mean_length": float(lengths.mean()),
+        "std_length": float(lengths.std()),
+        "success_rate": float(np.mean(~crashed & ~offroad)),
+        "collision_rate": float(crashed.mean()),
+        "mean_safety_violation_rate": float(np.mean([e.safety_violation_rate for e in episodes])),
+        "mean_min_distance": float(np.mean(distances)) if distances else None,
+        "mean_ego_speed": float(np.mean([e.ego_speed for e in episodes])),
+        "mean_training_return": float(np.mean([e.training_return for e in episodes])),
+        "offroad_episode_rate": float(offroad.mean()),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The printed results block (SPEC 7)."""
+    distance = summary["mean_min_distance"]
+    return "\n".join(
+        [
+            RULE,
+            "HIGHWAY POLICY EVALUATION RESULTS",
+            RULE,
+            f"Episodes: {summary['num_episodes']}",
+            f"Mean Return: {summary['mean_return']:.3f} ± {summary['std_return']:.3f}",
+            f"Mean Length: {summary['mean_length']:.1f} ± {summary['std_length']:.1f}",
+            f"Success Rate: {100 * summary['success_rate']:.1f}%",
+            f"Collision Rate: {100 * summary['collision_rate']:.1f}%",
+            f"Mean Safety Violation Rate: {100 * summary['mean_safety_violation_rate']:.1f}%",
+            f"Mean Min Distance: {'n/a' if distance is None else f'{distance:.2f}m'}",
+            f"Mean Ego Speed: {summary['mean_ego_speed']:.1f} m/s",
+        ]
+    )
+
+
+class EpisodeAccumulator:
+    """Per-env sums of the running episodes, updated with one vector step at a time (vectorized over envs)."""
+
+    def __init__(self, num_envs: int):
+        self.env_return = np.zeros(num_envs)
+        self.training_return = np.zeros(num_envs)
+        self.violations = np.zeros(num_envs, dtype=np.int64)
+        self.distance_sum = np.zeros(num_envs)
+        self.distance_steps = np.zeros(num_envs, dtype=np.int64)
+        self.speed_sum = np.zeros(num_envs)
+        self.length = np.zeros(num_envs, dtype=np.int64)
+
+    def reset(self, mask: np.ndarray) -> None:
+        for array in vars(self).values():
+            array[mask] = 0
+
+    def add(self, env_reward: np.ndarray, values: dict, rewards: dict) -> None:
+        """`values`: envs.step_values of the step; `rewards`: rewards.training_reward of it."""
+        self.env_return += env_reward
+        self.training_return += rewards["training_reward"]
+        self.violations += (rewards["collision_risk"] < SAFETY_RISK_THRESHOLD) | values["offroad"]
+        near = np.isfinite(values["nearest_distance"])
+        self.distance_sum += np.where(near, values["nearest_distance"], 0.0)
+        self.distance_steps += near
+        self.speed_sum += values["forward_speed"]
+        self.length += 1
+
+    def record(self, i: int, episode: int, seed: int, crashed: bool, offroad_terminated: bool) -> EpisodeRecord:
+        length = int(self.length[i])
+        steps_near = int(self.distance_steps[i])
+        return EpisodeRecord(
+            episode=episode,
+            seed=seed,
+            episode_return=float(self.env_return[i]),
+            training_return=float(self.training_return[i]),
+            length=length,
+            crashed=bool(crashed),
+            offroad_terminated=bool(offroad_terminated),
+            safety_violation_rate=float(self.violations[i] / length),
+            min_distance=float(self.distance_sum[i] / steps_near) if steps_near else None,
+            ego_speed=float(self.speed_sum[i] / length),
+        )
+
+
+def padded_actions(policy: Policy, obs: np.ndarray, episode_ids: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Run `policy` on fixed-size chunks of EVAL_BATCH rows, whatever the number of envs."""
+    n = obs.shape[0]
+    chunks = []
+    for start in range(0, n, EVAL_BATCH):
+        rows = slice(start, min(start + EVAL_BATCH, n))
+        pad = EVAL_BATCH - (rows.stop - rows.start)
+        chunk = policy(
+            np.pad(obs[rows], ((0, pad), (0, 0))),
+            np.pad(episode_ids[rows], (0, pad)),
+            np.pad(steps[rows], (0, pad)),
+        )
+        chunks.append(np.asarray(chunk)[: rows.stop - rows.start])
+    return np.concatenate(chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes on a DISABLED-autoreset vector env
+
+
+class Evaluator:
+    """Runs evaluation episodes on its own DISABLED-autoreset vector env, kept open between calls."""
+
+    def __init__(self, env_cfg: EnvConfig, reward_params: RewardParams, num_workers: int, *, render: bool = False):
+        self.reward_params = reward_params
+        self.num_workers = num_workers
+        self.render = render
+        self.envs = highway.make_vector_env(
+            env_cfg,
+            num_workers,
+            seed=0,  # every episode is reset with its own seed
+            autoreset_mode=AutoresetMode.DISABLED,
+            render_mode="rgb_array" if render else None,
+            wrapper=highway.EpisodeControl,
+        )
+        self.faulted = False
+
+    def run(
+        self,
+        policy: Policy,
+        num_episodes: int,
+        seed: int,
+        *,
+        recorder: VideoRecorder | None = None,
+        num_filmed: int = 0,
+        on_episode: Callable[[EpisodeRecord], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[EpisodeRecord]:
+        """Episodes 0..num_episodes-1 with seeds seed + k; episodes k < num_filmed go to `recorder`.
+
+        `should_stop` is checked between vector steps (never inside one, SPEC 8): when it returns
+        True, EvaluationInterrupted is raised.
+        """
+        if num_filmed and not (self.render and recorder is not None):
+            raise ValueError("filming needs an Evaluator built with render=True and a recorder")
+        n = self.num_workers
+        episode_ids = np.full(n, -1)
+        obs = np.zeros((n, *self.envs.single_observation_space.shape), np.float32)
+        acc = EpisodeAccumulator(n)
+        records: dict[int, EpisodeRecord] = {}
+        next_episode = 0
+        needs_episode = np.ones(n, dtype=bool)
+        try:
+            while True:
+                # Free envs take the next episodes in env order; the rest idle until the end.
+                start = np.flatnonzero(needs_episode)[: num_episodes - next_episode]
+                if start.size:
+                    episode_ids[start] = np.arange(next_episode, next_episode + start.size)
+                    next_episode += start.size
+                    obs = self._start_episodes(obs, start, episode_ids, seed, num_filmed, recorder, acc)
+                active = episode_ids >= 0
+                if not active.any():
+                    break
+                if should_stop is not None and should_stop():
+                    raise EvaluationInterrupted
+                actions = padded_actions(policy, obs, np.maximum(episode_ids, 0), acc.length.copy())
+                obs, env_reward, terminated, truncated, infos = highway.vector_call(self.envs, self.envs.step, actions)
+                values = highway.step_values(infos, n)
+                rewards = training_reward(obs, env_reward, values["rewards"], values["offroad"], self.reward_params)
+                acc.add(env_reward, values, rewards)
+                if num_filmed:
+                    self._film_step(infos, episode_ids, active, num_filmed, recorder, values, rewards, acc)
+                done = (terminated | truncated) & active
+                for i in np.flatnonzero(done):
+                    k = int(episode_ids[i])
+                    records[k] = acc.record(i, k, seed + k, values["crashed"][i], values["offroad_terminated"][i])
+                    if recorder is not None:
+                        recorder.finish(k)
+                    if on_episode is not None:
+                        on_episode(records[k])
+                episode_ids[done] = -1
+                needs_episode = done
+        except highway.WorkerFault as fault:
+            if fault.env_index is not None and episode_ids[fault.env_index] >= 0:
+                fault.episode = int(episode_ids[fault.env_index])
+            self.faulted = True
+            raise
+        except BaseException as exc:
+            # a failed or abandoned step leaves the workers in a state a plain close() hangs on
+            self.faulted = not isinstance(exc, EvaluationInterrupted)
+            raise
+        return [records[k] for k in range(num_episodes)]
+
+    def _start_episodes(self, obs, start, episode_ids, seed, num_filmed, recorder, acc) -> np.ndarray:
+        n = self.num_workers
+        mask = np.zeros(n, dtype=bool)
+        mask[start] = True
+        if num_filmed:
+            self.envs.set_attr("filming", [bool(0 <= k < num_filmed) for k in episode_ids])
+        # Python ints (a numpy int kills the worker); a fresh options dict (reset pops reset_mask)
+        seeds = [int(seed + episode_ids[i]) if mask[i] else None for i in range(n)]
+        reset_obs, infos = highway.vector_call(self.envs, self.envs.reset, seed=seeds, options={"reset_mask": mask})
+        acc.reset(mask)
+        if num_filmed:
+            for i in np.flatnonzero(mask & infos.get("_frame", np.zeros(n, dtype=bool))):
+                stats = FrameStats(
+                    step=0,
+                    speed=float(infos["speed"][i]),
+                    safety_reward=None,
+                    env_return=0.0,
+                    training_return=0.0,
+                    offroad=bool(infos["offroad"][i]),
+                    crashed=bool(infos["crashed"][i]),
+                )
+                recorder.add_frame(int(episode_ids[i]), infos["frame"][i], stats)
+        return np.where(mask[:, None], reset_obs, obs)
+
+    @staticmethod
+    def _film_step(infos, episode_ids, active, num_filmed, recorder, values, rewards, acc) -> None:
+        filmed = active & (episode_ids < num_filmed) & infos.get("_frame", np.zeros(len(active), dtype=bool))
+        for i in np.flatnonzero(filmed):
+            stats = FrameStats(
+                step=int(acc.length[i]),
+                speed=float(values["speed"][i]),
+                safety_reward=float(rewards["safety_reward"][i]),
+                env_return=float(acc.env_return[i]),
+                training_return=float(acc.training_return[i]),
+                offroad=bool(values["offroad"][i]),
+                crashed=bool(values["crashed"][i]),
+            )
+            recorder.add_frame(int(episode_ids[i]), infos["frame"][i], stats)
+
+    def evaluate(
+        self,
+        policy_on_obs: Callable[[np.ndarray], np.ndarray],
+        num_episodes: int,
+        seed: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict:
+        """Summary of deterministic episodes for periodic evaluation during training."""
+        episodes = self.run(lambda obs, _ids, _steps: policy_on_obs(obs), num_episodes, seed, should_stop=should_stop)
+        return summarize(episodes)
+
+    def dead_workers(self) -> list[int]:
+        """Workers that died since the last evaluation (found before the next one needs them)."""
+        return highway.dead_workers(self.envs)
+
+    def close(self) -> None:
+        highway.close_vector_env(self.envs, faulted=self.faulted)

@@ -1,0 +1,1 @@
+"""Commands around runs: benchmark, plot, results, pendulum, sweep (`python -m racer_vec.<tool>`)."""

@@ -1,0 +1,249 @@
+"""Learning curves of one or more runs, from their metrics.jsonl, against environment transitions.
+
+    python -m racer_vec.plot runs/a runs/b --output curves.png
+    python -m racer_vec.plot results/a_120000.json results/b_120000.json   # from results files
+
+A results file (`racer_vec.results collect`) holds its run's curve up to the evaluated step, so
+committed figures can be redrawn without the run directories. Results files of the same run (say at
+120k and 240k transitions), with or without its run directory, are drawn as one line with a star
+for each file's evaluation.
+
+One figure, one line per run (labelled by run name and cvar_risk). Top row: training (episode
+return, speed, collision rate, cumulative collisions); bottom row: the periodic evaluations, where
+the runs have them. Episode returns are a moving average over `--smooth` log intervals; speed and
+collision rate are the trainer's own EMAs (weight 0.01 per vector step and per finished episode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+from racer_vec.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotArgs:
+    runs: tyro.conf.Positional[tuple[Path, ...]]
+    """Run directories (each with metrics.jsonl and config.json) or results files (*.json)."""
+    output: Path = Path("learning_curves.png")
+    """PNG file to write."""
+    smooth: int = 10
+    """Moving-average window for episode returns, in log intervals (1: no smoothing)."""
+    title: str | None = None
+    """Figure title; default: the presets of the runs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    preset: str
+    cvar_risk: float
+    metrics: list[dict]
+    finals: tuple[dict, ...] = ()
+    """The results files' own evaluations: `env_steps` and the evaluate.py summary of each."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (CVaR {self.cvar_risk:g})"
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(env_steps, values) of the lines that have `key`."""
+        rows = [(m["env_steps"], m[key]) for m in self.metrics if m.get(key) is not None]
+        if not rows:
+            return np.zeros(0), np.zeros(0)
+        steps, values = np.array(rows, dtype=np.float64).T
+        return steps, values
+
+
+def load_run(run_dir: Path) -> Run:
+    if run_dir.suffix == ".json" and run_dir.is_file():
+        return load_results_file(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: not a directory")
+    if not metrics_path.is_file():
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or the run logged nothing yet)")
+    metrics = []
+    lines = metrics_path.read_text().splitlines()
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a torn last line; anything earlier is corruption.
+            if line_no == len(lines):
+                break
+            raise ConfigError(f"{metrics_path}:{line_no}: not valid JSON") from None
+    if not metrics:
+        raise ConfigError(f"{metrics_path}: empty (the run logged nothing yet)")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    # A resumed run appends to metrics.jsonl and repeats the steps logged after its checkpoint:
+    # the later line of a step is the one kept.
+    by_step = {m["env_steps"]: m for m in metrics}
+    return Run(
+        name=config.get("run_name") or run_dir.resolve().name,
+        preset=config.get("preset", "?"),
+        cvar_risk=float(config.get("agent", {}).get("cvar_risk", float("nan"))),
+        metrics=[by_step[s] for s in sorted(by_step)],
+    )
+
+
+def load_results_file(path: Path) -> Run:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable results file ({exc})") from None
+    if not isinstance(record, dict) or not record.get("curve"):
+        raise ConfigError(f"{path}: no learning curve in this file (not a results file, or written before they held one)")
+    return Run(
+        name=record.get("run", path.stem),
+        preset=record.get("preset", "?"),
+        cvar_risk=float(record.get("cvar_risk", float("nan"))),
+        metrics=record["curve"],
+        finals=({"env_steps": record.get("env_steps"), **record.get("evaluation", {})},),
+    )
+
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """One Run per run: a run given more than once (its directory and results files, or results
+    files at several steps) becomes one line with every final evaluation; a later source wins a
+    step both log. Runs that only share a name (another preset or risk level) stay apart."""
+    merged: dict[tuple, Run] = {}
+    for run in runs:
+        key = (run.name, run.preset, run.cvar_risk)
+        if key in merged:
+            first = merged[key]
+            by_step = {m["env_steps"]: m for m in (*first.metrics, *run.metrics)}
+            finals = {f["env_steps"]: f for f in (*first.finals, *run.finals)}
+            run = dataclasses.replace(
+                first, metrics=[by_step[s] for s in sorted(by_step)], finals=tuple(finals[s] for s in sorted(finals))
+            )
+        merged[key] = run
+    return list(merged.values())
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` points (shorter at the start, so no point is dropped)."""
+    if window <= 1 or values.size == 0:
+        return values
+    csum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, values.size + 1)
+    lo = np.maximum(idx - window, 0)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+# (metrics key, panel title, y-axis label, scale, smoothed)
+TRAIN_PANELS = (
+    ("episode_return_mean", "Training episode return", "env return per episode", 1.0, True),
+    ("speed_ema", "Training speed (EMA)", "forward speed [m/s]", 1.0, False),
+    ("collision_ema", "Training collision rate (EMA)", "episodes ending in a crash [%]", 100.0, False),
+    ("train_collisions_total", "Cumulative training collisions", "crashes [count]", 1.0, False),
+)
+EVAL_PANELS = (
+    ("eval/mean_return", "Evaluation return", "env return per episode", 1.0, False),
+    ("eval/mean_ego_speed", "Evaluation speed", "mean forward speed [m/s]", 1.0, False),
+    ("eval/collision_rate", "Evaluation collision rate", "episodes ending in a crash [%]", 100.0, False),
+    ("eval/success_rate", "Evaluation success rate", "episodes without crash or offroad [%]", 100.0, False),
+)
+
+
+def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
+    stars = False
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, panels in enumerate((TRAIN_PANELS, EVAL_PANELS)):
+        for ax, (key, panel_title, ylabel, scale, smoothed) in zip(axes[row], panels):
+            drawn = False
+            for i, run in enumerate(runs):
+                color = colors[i % len(colors)]
+                steps, values = run.series(key)
+                if steps.size:
+                    if smoothed:
+                        values = moving_average(values, smooth)
+                    style = {"marker": "o", "markersize": 4} if row == 1 else {}
+                    ax.plot(steps, values * scale, color=color, label=run.label, **style)
+                    drawn = True
+                for final in run.finals if row == 1 else ():
+                    value = final.get(key.removeprefix("eval/"))
+                    if value is not None:
+                        ax.plot(final["env_steps"], value * scale, marker="*", markersize=14, color=color,
+                                markeredgecolor="black", linestyle="none")  # fmt: skip
+                        drawn = stars = True
+            ax.set_title(panel_title)
+            ax.set_xlabel("environment transitions")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_thousands))
+            if drawn and scale == 100.0:
+                ax.set_ylim(*percent_limits(*ax.get_ylim()))
+            if not drawn:
+                ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes[1]:  # evaluations are sparse: show them against the whole training
+        ax.set_xlim(axes[0, 0].get_xlim())
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), title="run (risk level)")
+    presets = ", ".join(sorted({r.preset for r in runs}))
+    window = f"moving average over {smooth} log intervals" if smooth > 1 else "not smoothed"
+    fig.suptitle(
+        f"{title or presets}\n"
+        f"Episode return: {window}; speed and collision rate: EMA (weight 0.01); "
+        f"evaluation: the periodic deterministic evaluations (--eval-episodes each)"
+        + ("\n★: a results file's evaluation by evaluate.py (stochastic actions)" if stars else ""),
+        fontsize=12,
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
+def percent_limits(lo: float, hi: float, min_span: float = 10.0, pad: float = 1.0) -> tuple[float, float]:
+    """y-limits of a rate panel: inside 0-100% (plus `pad` so markers on the bounds show) and at
+    least `min_span` points tall, so that a flat 0% or 100% does not get ticks like -0.04% or 104%."""
+    lo, hi = max(lo, 0.0), min(hi, 100.0)
+    if hi - lo < min_span:
+        lo = min(max((lo + hi - min_span) / 2, 0.0), 100.0 - min_span)
+        hi = lo + min_span
+    return lo - pad, hi + pad
+
+
+def _thousands(x: float, _pos) -> str:
+    return f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = tyro.cli(PlotArgs, args=argv, description=__doc__.splitlines()[0])
+    try:
+        if not args.runs:
+            raise ConfigError("give at least one run directory")
+        if args.smooth < 1:
+            raise ConfigError(f"--smooth must be at least 1, got {args.smooth}")
+        if args.output.suffix.lower() != ".png":
+            raise ConfigError(f"--output {args.output}: must end in .png")
+        runs = merge_runs([load_run(Path(d)) for d in args.runs])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = plot_runs(runs, args.output, smooth=args.smooth, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
