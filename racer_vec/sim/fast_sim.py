@@ -499,7 +499,8 @@ class FastRoad(Road):
         return self._scene_cache
 
     def act(self) -> None:
-        """`Road.act`: every vehicle's `act()`, batched for IDMVehicles.
+        """`Road.act`: every vehicle's `act()`, batched for IDMVehicles, along highway-env's own
+        chain: change_lane_policy (MOBIL, then the abort rule), the IDM, and the write-back.
 
         Exact because, during `act`, positions, speeds and headings do not change: only target
         lanes, lane-change timers and actions do. MOBIL reads only the former, so it is batched;
@@ -511,95 +512,20 @@ class FastRoad(Road):
         sc = self._scene()
         if sc is None:
             return super().act()
-        lanes, n = sc.lanes, sc.n
         acting = sc.is_idm & ~sc.crashed  # IDMVehicle.act returns at once when crashed
-        everyone = np.arange(n)
         old_target = sc.target
         # ControlledVehicle.follow_road switches lanes at the end of a lane: not modelled here
         tgt = np.where(acting, old_target, 0)
-        if np.any(acting & (sc.long[everyone, tgt] > lanes.length[tgt] - lanes.vehicle_length / 2)):
+        if np.any(acting & (sc.long[np.arange(sc.n), tgt] > sc.lanes.length[tgt] - sc.lanes.vehicle_length / 2)):
             return super().act()
-
-        # IDMVehicle.change_lane_policy, MOBIL part: vehicles on their target lane whose timer fired
         changing = acting & sc.enable_lane_change
         mid_change = changing & (sc.lane != old_target)
         timer_fired = changing & ~mid_change & (IDMVehicle.LANE_CHANGE_DELAY < sc.timer)
-        asks, ask_lanes = [], []
-        for side in (-1, 1):  # RoadNetwork.side_lanes order
-            lane = sc.lane + side
-            k = np.clip(lane, 0, lanes.count - 1)
-            long, lat = sc.long[everyone, k], sc.lat[everyone, k]
-            reachable = (  # AbstractLane.is_reachable_from
-                ~lanes.forbidden[k]
-                & (np.abs(lat) <= 2 * lanes.width[k])
-                & (0 <= long)
-                & (long < lanes.length[k] + lanes.vehicle_length)
-            )
-            ask = np.flatnonzero(timer_fired & (lane == k) & reachable & ~(np.abs(sc.speed) < 1))
-            asks.append(ask)
-            ask_lanes.append(k[ask])
-        ask, ask_lane = np.concatenate(asks), np.concatenate(ask_lanes)
-
-        # one neighbour query for the IDM (own lane) and MOBIL (own and candidate lanes) ...
-        me = np.flatnonzero(acting)
-        m = me.size
-        front, rear = sc.neighbours(np.concatenate([me, ask]), np.concatenate([sc.lane[me], ask_lane]))
-        own_front, own_rear = np.full(n, -1), np.full(n, -1)
-        own_front[me], own_rear[me] = front[:m], rear[:m]
-        # ... and one batch of IDM accelerations: the IDM's own, then MOBIL's six per candidate
-        new_front, new_rear, old_front, old_rear = front[m:], rear[m:], own_front[ask], own_rear[ask]
-        triples = [
-            (me, me, own_front[me]),
-            (ask, new_rear, new_front),  # new_following_a
-            (ask, new_rear, ask),  # new_following_pred_a
-            (ask, ask, new_front),  # self_pred_a
-            (ask, ask, old_front),  # self_a
-            (ask, old_rear, ask),  # old_following_a
-            (ask, old_rear, old_front),  # old_following_pred_a
-        ]
-        acc = sc.acceleration(*(np.concatenate(column) for column in zip(*triples)))
-        acceleration = acc[:m]
-        accept = _Scene.mobil_accepts(*acc[m:].reshape(6, ask.size))
-        target = old_target.copy()
-        left = asks[0].size
-        for part in (slice(0, left), slice(left, None)):  # a later accepted side lane wins
-            chosen = accept[part]
-            target[ask[part][chosen]] = ask_lane[part][chosen]
-
-        # change_lane_policy, abort part, in list order
-        for i in np.flatnonzero(mid_change):
-            # targets as vehicle i sees them: updated for the vehicles before it in the list
-            seen_target = np.where(everyone < i, target, old_target)
-            rivals = sc.is_idm & (sc.lane != old_target[i]) & (seen_target == old_target[i])
-            rivals[i] = False
-            own_lane = sc.lane[i]
-            for j in np.flatnonzero(rivals):
-                d = sc.long[j, own_lane] - sc.long[i, own_lane]
-                d_star = sc.desired_gap(np.array([i]), np.array([j]))[0]
-                if 0 < d < d_star:
-                    target[i] = sc.lane[i]
-                    break
-
-        # IDMVehicle.act: steering towards the target lane; while changing lanes, the acceleration
-        # is the lower of the IDM's on the current and on the target lane
-        steering = sc.steering_control(me, target[me])
-        changing_lane = sc.lane[me] != target[me]
-        if changing_lane.any():
-            sub = me[changing_lane]
-            sub_front, _ = sc.neighbours(sub, target[sub])
-            on_target = sc.acceleration(sub, sub, sub_front)
-            acceleration[changing_lane] = _first_below(acceleration[changing_lane], on_target)
-        acceleration = np.clip(acceleration, -IDMVehicle.ACC_MAX, IDMVehicle.ACC_MAX)
-
-        vehicles = sc.vehicles
-        for i, st, a in zip(me.tolist(), steering, acceleration):
-            v = vehicles[i]
-            if timer_fired[i]:
-                v.timer = 0
-            if target[i] != old_target[i]:
-                v.target_lane_index = lanes.indices[target[i]]
-            v.action = {"steering": st, "acceleration": a}
-        sc.target = target
+        asks = _lane_change_requests(sc, timer_fired)
+        me, acceleration, target = _idm_and_mobil(sc, acting, asks)
+        _abort_lane_changes(sc, mid_change, target, old_target)
+        steering, acceleration = _idm_act(sc, me, target, acceleration)
+        _write_back(sc, me, steering, acceleration, timer_fired, target, old_target)
 
     def step(self, dt: float) -> None:
         """`Road.step`: every vehicle's `step(dt)` batched, then the collision checks.
@@ -723,6 +649,107 @@ class FastRoad(Road):
         if i is None:
             return super().close_objects_to(vehicle, distance, count, see_behind, sort, vehicles_only)
         return [sc.vehicles[j] for j in sc.close_indices(i, distance, count, see_behind, sort)]
+
+
+# ------------------------------------------------------------------------------------------------
+# FastRoad.act, step by step (highway-env's IDMVehicle.act chain)
+
+
+def _lane_change_requests(sc: _Scene, timer_fired) -> list[tuple[np.ndarray, np.ndarray]]:
+    """change_lane_policy, MOBIL's candidates: (vehicles, side lane) for the left then the right
+    side lane (RoadNetwork.side_lanes order) of every vehicle on its target lane whose timer fired."""
+    lanes, everyone = sc.lanes, np.arange(sc.n)
+    asks = []
+    for side in (-1, 1):
+        lane = sc.lane + side
+        k = np.clip(lane, 0, lanes.count - 1)
+        long, lat = sc.long[everyone, k], sc.lat[everyone, k]
+        reachable = (  # AbstractLane.is_reachable_from
+            ~lanes.forbidden[k]
+            & (np.abs(lat) <= 2 * lanes.width[k])
+            & (0 <= long)
+            & (long < lanes.length[k] + lanes.vehicle_length)
+        )
+        ask = np.flatnonzero(timer_fired & (lane == k) & reachable & ~(np.abs(sc.speed) < 1))
+        asks.append((ask, k[ask]))
+    return asks
+
+
+def _idm_and_mobil(sc: _Scene, acting, asks):
+    """The IDM acceleration of every acting vehicle and MOBIL's decisions, from one neighbour
+    query and one batch of IDM accelerations; returns (acting indices, acceleration, targets)."""
+    ask = np.concatenate([a for a, _ in asks])
+    ask_lane = np.concatenate([lane for _, lane in asks])
+    n = sc.n
+    # one neighbour query for the IDM (own lane) and MOBIL (own and candidate lanes) ...
+    me = np.flatnonzero(acting)
+    m = me.size
+    front, rear = sc.neighbours(np.concatenate([me, ask]), np.concatenate([sc.lane[me], ask_lane]))
+    own_front, own_rear = np.full(n, -1), np.full(n, -1)
+    own_front[me], own_rear[me] = front[:m], rear[:m]
+    # ... and one batch of IDM accelerations: the IDM's own, then MOBIL's six per candidate
+    new_front, new_rear, old_front, old_rear = front[m:], rear[m:], own_front[ask], own_rear[ask]
+    triples = [
+        (me, me, own_front[me]),
+        (ask, new_rear, new_front),  # new_following_a
+        (ask, new_rear, ask),  # new_following_pred_a
+        (ask, ask, new_front),  # self_pred_a
+        (ask, ask, old_front),  # self_a
+        (ask, old_rear, ask),  # old_following_a
+        (ask, old_rear, old_front),  # old_following_pred_a
+    ]
+    acc = sc.acceleration(*(np.concatenate(column) for column in zip(*triples)))
+    accept = _Scene.mobil_accepts(*acc[m:].reshape(6, ask.size))
+    target = sc.target.copy()
+    left = asks[0][0].size
+    for part in (slice(0, left), slice(left, None)):  # a later accepted side lane wins
+        chosen = accept[part]
+        target[ask[part][chosen]] = ask_lane[part][chosen]
+    return me, acc[:m], target
+
+
+def _abort_lane_changes(sc: _Scene, mid_change, target, old_target) -> None:
+    """change_lane_policy, abort part, in list order: a vehicle changing lanes goes back when an
+    IDM vehicle heading for the same lane is too close ahead (updates `target` in place)."""
+    everyone = np.arange(sc.n)
+    for i in np.flatnonzero(mid_change):
+        # targets as vehicle i sees them: updated for the vehicles before it in the list
+        seen_target = np.where(everyone < i, target, old_target)
+        rivals = sc.is_idm & (sc.lane != old_target[i]) & (seen_target == old_target[i])
+        rivals[i] = False
+        own_lane = sc.lane[i]
+        for j in np.flatnonzero(rivals):
+            d = sc.long[j, own_lane] - sc.long[i, own_lane]
+            d_star = sc.desired_gap(np.array([i]), np.array([j]))[0]
+            if 0 < d < d_star:
+                target[i] = sc.lane[i]
+                break
+
+
+def _idm_act(sc: _Scene, me, target, acceleration):
+    """IDMVehicle.act: steering towards the target lane; while changing lanes, the acceleration
+    is the lower of the IDM's on the current and on the target lane."""
+    steering = sc.steering_control(me, target[me])
+    changing_lane = sc.lane[me] != target[me]
+    if changing_lane.any():
+        sub = me[changing_lane]
+        sub_front, _ = sc.neighbours(sub, target[sub])
+        on_target = sc.acceleration(sub, sub, sub_front)
+        acceleration[changing_lane] = _first_below(acceleration[changing_lane], on_target)
+    return steering, np.clip(acceleration, -IDMVehicle.ACC_MAX, IDMVehicle.ACC_MAX)
+
+
+def _write_back(sc: _Scene, me, steering, acceleration, timer_fired, target, old_target) -> None:
+    """The vehicles' own state, as their act() would have left it."""
+    vehicles, indices = sc.vehicles, sc.lanes.indices
+    for i, st, a in zip(me.tolist(), steering, acceleration):
+        v = vehicles[i]
+        if timer_fired[i]:
+            v.timer = 0
+        if target[i] != old_target[i]:
+            v.target_lane_index = indices[target[i]]
+        v.action = {"steering": st, "acceleration": a}
+    sc.target = target
 
 
 class FastKinematicObservation(KinematicObservation):
