@@ -43,6 +43,6 @@ def config() -> TrainConfig:
         buffer_size=30_000,
         start_training=8000,
         max_steps=1_600_000,
-        # the release's schedule: one reset, at vector step 100k = 800k transitions (SPEC 11)
+        # the release's schedule: one reset, at vector step 100k = 800k transitions (design §11)
         reset_interval=100_000,
     )

@@ -1,6 +1,6 @@
 """Configuration: plain frozen dataclasses that tyro turns into flags.
 
-No JAX here: env workers import this module (SPEC 2, import hygiene).
+No JAX here: env workers import this module (design §2, import hygiene).
 Fields left as ``None`` are derived defaults, resolved by :func:`resolve` when the config is built,
 so ``config.json`` always holds concrete values.
 """
@@ -91,7 +91,7 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """The training reward (SPEC 6). The env's reward weights live in the env section only."""
+    """The training reward (design §6). The env's reward weights live in the env section only."""
 
     speed_correction: bool = True
     """Swap the env's speed term for a forward-speed term on `speed_range`."""
@@ -141,7 +141,7 @@ class RewardParams:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The RACER agent (SPEC 4)."""
+    """The RACER agent (design §4)."""
 
     hidden_dims: tuple[int, ...] = (256, 256)
     """Hidden layer sizes of the actor and critic MLPs."""
@@ -173,7 +173,7 @@ class AgentConfig:
     """Each critic member bootstraps from its own target member."""
     bootstrap_terminations: bool = False
     """Ablation: bootstrap through crashes and offroad terminations too, as the public highway-racer
-    release does (its target omits the termination mask, SPEC errata). Wrong for these episodes;
+    release does (its target omits the termination mask, design §14). Wrong for these episodes;
     there to compare with the release."""
     learned_limit: bool = True
     """Learn a symmetric limit h in (0, 1] on the steering action (index 1)."""
@@ -210,10 +210,10 @@ class TrainConfig:
     updates_per_iteration: int | None = None
     """Agent updates per vector step; None: num_envs (one update per collected transition)."""
     max_worker_restarts: int = 3
-    """Env worker faults a run survives by replacing its workers (SPEC 10); one more stops it."""
+    """Env worker faults a run survives by replacing its workers (design §10); one more stops it."""
     reset_interval: int = 0
     """Every this many vector steps, while below 80% of max_steps, re-initialize every agent train
-    state but the temperature, keeping the buffer, as the public release does (SPEC 11); 0: never."""
+    state but the temperature, keeping the buffer, as the public release does (design §11); 0: never."""
     seed: int = 0
     run_name: str | None = None
     """Run directory name under runs_dir; None: <preset>_<seed>_<timestamp>."""

@@ -1,4 +1,4 @@
-"""The RACER learner (SPEC 4): one compiled iteration, checkpointable agent, convergence, risk, devices."""
+"""The RACER learner (design §4): one compiled iteration, checkpointable agent, convergence, risk, devices."""
 
 import dataclasses
 import json
@@ -55,7 +55,7 @@ def small_learner(cvar_risk):
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices (SPEC 4.8). First in the file: the 2-device subprocess compiles while this process
+# Devices (design §4.8). First in the file: the 2-device subprocess compiles while this process
 # compiles the same learner for one device.
 
 
@@ -170,7 +170,7 @@ def test_agent_checkpoint_round_trip_keeps_the_compiled_update(pointnet_learner,
 
 
 def test_reset_reinitializes_all_but_the_temperature_from_the_agents_key(pointnet_learner, pointnet_buffer):
-    """SPEC 11: a fresh initialization of actor, critic, target, limit and lagrange (optimizer
+    """design §11: a fresh initialization of actor, critic, target, limit and lagrange (optimizer
     states too), drawn from the agent's own key; temperature and update count carry over."""
     trained = run(pointnet_learner, racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 5), pointnet_buffer, 3)[0]
     before = jax.tree.map(lambda x: np.array(x, copy=True), trained)

@@ -1,4 +1,4 @@
-"""Cramér projection and CVaR against brute-force numpy (SPEC 2, 4.3, 4.4)."""
+"""Cramér projection and CVaR against brute-force numpy (design §2, 4.3, 4.4)."""
 
 import jax
 import jax.numpy as jnp

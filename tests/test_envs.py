@@ -1,4 +1,4 @@
-"""SPEC 3 and 8: the env layer on the real simulator, and the forkserver vector env with its faults."""
+"""design §3 and 8: the env layer on the real simulator, and the forkserver vector env with its faults."""
 
 import dataclasses
 import math

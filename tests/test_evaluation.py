@@ -1,4 +1,4 @@
-"""evaluate.py (SPEC 7): metrics with known answers, the printed block, worker-count invariance,
+"""evaluate.py (design §7): metrics with known answers, the printed block, worker-count invariance,
 videos, checkpoints end to end, and bad input."""
 
 import dataclasses
@@ -272,7 +272,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
 
 
 def test_entry_point_runs_as_a_script_without_jax_at_import():
-    # workers re-import the entry module and evaluation's modules: no JAX there (SPEC 2)
+    # workers re-import the entry module and evaluation's modules: no JAX there (design §2)
     check = "import sys, evaluate, racer_vec.run.evaluation, racer_vec.sim.video; assert 'jax' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
     result = subprocess.run(

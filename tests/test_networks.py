@@ -1,4 +1,4 @@
-"""Actor distribution, PointNet encoder, critic ensemble and flat parameter layouts (SPEC 4.1, 4.2)."""
+"""Actor distribution, PointNet encoder, critic ensemble and flat parameter layouts (design §4.1, 4.2)."""
 
 import jax
 import jax.numpy as jnp

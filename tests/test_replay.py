@@ -1,4 +1,4 @@
-"""Device-resident circular replay buffer (SPEC 5)."""
+"""Device-resident circular replay buffer (design §5)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""SPEC 6: collision risk and the training reward (numpy), including a check on the real simulator."""
+"""design §6: collision risk and the training reward (numpy), including a check on the real simulator."""
 
 import dataclasses
 import math

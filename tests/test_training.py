@@ -91,7 +91,7 @@ def _adam_counts(run_dir, step):
 
 
 def test_reset_schedule_reinitializes_and_a_resumed_run_does_not_reset_again(tiny_run, tmp_path):
-    """SPEC 11 at the tiny scale: resets at vector steps 60 and 120 (env steps 120 and 240), none at
+    """design §11 at the tiny scale: resets at vector steps 60 and 120 (env steps 120 and 240), none at
     180 (360 is past 80% of 400). Updates run from 100 env steps, one per vector step."""
     assert [r["resets_total"] for r in _metrics(tiny_run)] == [0, 1, 2, 2]
     # at 200: 50 updates, 40 of them since the reset at 120 (2 critic steps each); the temperature's

@@ -1,4 +1,4 @@
-"""The RACER agent (SPEC 4): one pytree of train states, and a learner whose whole training
+"""The RACER agent (design §4): one pytree of train states, and a learner whose whole training
 iteration is one jitted dispatch.
 
 Parameterizations (all scalars are float32 arrays inside the agent):
@@ -114,7 +114,7 @@ def _agent_initializer(cfg: AgentConfig, obs_dim: int):
 
 
 def reset_agent(cfg: AgentConfig, obs_dim: int, agent: RacerAgent) -> RacerAgent:
-    """The release's reset (SPEC 11): every train state but the temperature re-initialized, with
+    """The release's reset (design §11): every train state but the temperature re-initialized, with
     fresh optimizer states, from the agent's own key stream (so a resumed run resets identically);
     the temperature and the update count carry over."""
     return _agent_resetter(cfg, obs_dim)(agent)

@@ -1,4 +1,4 @@
-"""Categorical return distributions: the Cramér (L2) projection and CVaR (SPEC 2, 4.3, 4.4).
+"""Categorical return distributions: the Cramér (L2) projection and CVaR (design §2, 4.3, 4.4).
 
 Both functions are pure jnp, so they work under jit and vmap and accept numpy inputs.
 """
@@ -76,7 +76,7 @@ def _even_spacing(support) -> float | None:
 def cvar(probs, atoms, risk) -> jax.Array:
     """Conditional value at risk of the categorical distribution `probs[..., K]` over ascending `atoms[K]`.
 
-    The mean of the worst `1 - risk` fraction of returns (SPEC 4.4): `F = cumsum(p)`,
+    The mean of the worst `1 - risk` fraction of returns (design §4.4): `F = cumsum(p)`,
     `F' = min(F, 1 - risk)`, `q = diff([0, F']) / (1 - risk)`, `CVaR = sum(q * z)`. `risk = 0` is
     the mean; `risk` in [0, 1) may be a traced scalar. Returns shape `(...)`.
     """

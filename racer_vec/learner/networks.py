@@ -1,4 +1,4 @@
-"""Actor and critic networks as pure functions of explicit parameter pytrees (SPEC 4.1, 4.2).
+"""Actor and critic networks as pure functions of explicit parameter pytrees (design §4.1, 4.2).
 
 Parameters are plain nested dicts of arrays, so an ensemble is just parameters stacked on a
 leading axis and evaluated with `jax.vmap`, and the architecture is read back from the pytree
@@ -107,7 +107,7 @@ def _layer_norm(p: Params, x, eps: float = 1e-6):
 
 
 # ---------------------------------------------------------------------------------------------
-# PointNet encoder (SPEC 4.2)
+# PointNet encoder (design §4.2)
 
 
 def _pointnet_init(key, dim: int) -> Params:
@@ -168,7 +168,7 @@ def _encoder_init(key, cfg: AgentConfig, obs_dim: int) -> tuple[Params, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Actor (SPEC 4.1)
+# Actor (design §4.1)
 
 
 def actor_init(key, cfg: AgentConfig, obs_dim: int) -> Params:
@@ -220,7 +220,7 @@ def sample_policy(mean, log_std, limit, noise):
 
 
 # ---------------------------------------------------------------------------------------------
-# Critic ensemble (SPEC 4.2)
+# Critic ensemble (design §4.2)
 
 
 def critic_init(key, cfg: AgentConfig, obs_dim: int) -> Params:

@@ -1,11 +1,11 @@
-"""Device-resident circular replay buffer (SPEC 5).
+"""Device-resident circular replay buffer (design §5).
 
 The buffer is a plain pytree of fixed-capacity arrays plus a device-side insert position and
 size, so it lives on the device between iterations, is sampled inside the jitted update, and is
 saved and restored with orbax like any other pytree (contents, position and size exactly).
 
 With several JAX devices the buffer (like the agent) is replicated on all of them: each device
-then gathers its own share of every minibatch locally (SPEC 4.8).
+then gathers its own share of every minibatch locally (design §4.8).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Layout: `<run>/checkpoints/<env_steps>/{agent,state[,buffer]}`, written synchronously and atomically
 by an orbax CheckpointManager that keeps the newest `keep` steps, plus `files.json`: the size and
 CRC-32 of every file of the step, written once orbax has finished. A step whose files do not
-match it is damaged (SPEC 10), found without reading a single array through orbax (whose failed
+match it is damaged (design §10), found without reading a single array through orbax (whose failed
 reads print tracebacks from its coroutines).
 """
 

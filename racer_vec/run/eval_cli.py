@@ -28,7 +28,7 @@ PresetName = Literal[tuple(configs.PRESETS)]  # type: ignore[valid-type]
 
 @dataclasses.dataclass(frozen=True)
 class EvalArgs:
-    """Evaluate a RACER checkpoint, or a baseline policy, on highway-env (SPEC 7)."""
+    """Evaluate a RACER checkpoint, or a baseline policy, on highway-env (design §7)."""
 
     checkpoint: str | None = None
     """A run directory, its checkpoints/ directory, or one step's directory (else the latest step).
@@ -109,7 +109,7 @@ def resolve_target(args: EvalArgs) -> Target:
         if path.is_file():
             raise ConfigError(f"--checkpoint {path}: not a directory")
         directory, step = locate(path)
-        if step is None:  # the newest intact step (SPEC 10)
+        if step is None:  # the newest intact step (design §10)
             step, damaged = newest_intact(directory)
             if damaged:
                 print(damage_warning(damaged, step), file=sys.stderr, flush=True)
@@ -230,7 +230,7 @@ def run_evaluation(args: EvalArgs) -> int:
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
     evaluator = Evaluator(env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0)
     interrupted = []
-    # Ctrl-C (and SIGTERM, SPEC 10) stops between vector steps (the workers ignore SIGINT, SPEC 8)
+    # Ctrl-C (and SIGTERM, design §10) stops between vector steps (the workers ignore SIGINT, design §8)
     previous = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in STOP_SIGNALS}
     try:
         with _progress() as progress:

@@ -30,7 +30,7 @@ SAFETY_RISK_THRESHOLD = -0.5
 METRICS_FILE = "evaluation_metrics.json"
 RULE = "=" * 50
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Both stop a run or an evaluation cleanly: Ctrl-C, and a scheduler's preemption (SPEC 10)."""
+"""Both stop a run or an evaluation cleanly: Ctrl-C, and a scheduler's preemption (design §10)."""
 
 class EvaluationInterrupted(Exception):
     """`should_stop` asked to stop; raised between vector steps, so the workers close cleanly."""
@@ -66,7 +66,7 @@ class EpisodeRecord:
 
 
 def summarize(episodes: list[EpisodeRecord]) -> dict:
-    """The SPEC 7 summary; rates are fractions in [0, 1], standard deviations over episodes (ddof 0)."""
+    """The design §7 summary; rates are fractions in [0, 1], standard deviations over episodes (ddof 0)."""
     returns = np.array([e.episode_return for e in episodes])
     lengths = np.array([e.length for e in episodes])
     crashed = np.array([e.crashed for e in episodes])
@@ -89,7 +89,7 @@ def summarize(episodes: list[EpisodeRecord]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """The printed results block (SPEC 7)."""
+    """The printed results block (design §7)."""
     distance = summary["mean_min_distance"]
     return "\n".join(
         [
@@ -202,7 +202,7 @@ class Evaluator:
     ) -> list[EpisodeRecord]:
         """Episodes 0..num_episodes-1 with seeds seed + k; episodes k < num_filmed go to `recorder`.
 
-        `should_stop` is checked between vector steps (never inside one, SPEC 8): when it returns
+        `should_stop` is checked between vector steps (never inside one, design §8): when it returns
         True, EvaluationInterrupted is raised.
         """
         if num_filmed and not (self.render and recorder is not None):

@@ -15,7 +15,7 @@ import tyro
 import configs
 from racer_vec.config import ConfigError, TrainConfig, flag_name, from_dict, resolve
 
-# Flags that may differ from the saved config when resuming (SPEC 7).
+# Flags that may differ from the saved config when resuming (design §7).
 RESUME_MUTABLE = frozenset(
     {
         "resume",

@@ -1,4 +1,4 @@
-"""The driver: N env workers and the learner in one process, overlapping in time (SPEC 1).
+"""The driver: N env workers and the learner in one process, overlapping in time (design §1).
 
 One iteration:
     actions = sample_actions(agent, obs)        # on device, for all N envs at once
@@ -47,9 +47,9 @@ class Counters:
     train_collisions_total: int = 0
     offroad_terminations_total: int = 0
     resets_total: int = 0
-    """Agent re-initializations by the reset schedule (SPEC 11)."""
+    """Agent re-initializations by the reset schedule (design §11)."""
     worker_restarts_total: int = 0
-    """Training vector envs replaced after a worker fault (SPEC 10)."""
+    """Training vector envs replaced after a worker fault (design §10)."""
     eval_worker_restarts_total: int = 0
     """Periodic evaluators rebuilt after a worker fault."""
     speed_ema: float | None = None
@@ -173,7 +173,7 @@ class Trainer:
     def _restore(self) -> None:
         if self.checkpointer.latest_step() is None:
             raise ConfigError(f"--resume {self.run_dir}: no checkpoint to resume from")
-        # the newest intact step (SPEC 10); damaged newer ones are set aside, to be trained again
+        # the newest intact step (design §10); damaged newer ones are set aside, to be trained again
         step, agent, state, buffer, damaged = self.checkpointer.restore_newest(self.agent, self.buffer)
         if damaged:
             print(damage_warning(damaged, step), file=sys.stderr, flush=True)
@@ -187,7 +187,7 @@ class Trainer:
             self.buffer = buffer
             self.stored = int(buffer.size)
         else:
-            # The policy refills the buffer before updates resume (SPEC 7).
+            # The policy refills the buffer before updates resume (design §7).
             self.counters.learning_starts = step + max(self.cfg.start_training, self.cfg.num_envs)
         print(
             f"resumed {self.run_dir} at {step} env steps"
@@ -254,7 +254,7 @@ class Trainer:
             self._checkpoint()
 
     def _reset_due(self) -> bool:
-        """The release's schedule (SPEC 11): after the update of every reset_interval-th vector step
+        """The release's schedule (design §11): after the update of every reset_interval-th vector step
         below 80% of max_steps (its loop resets only once it has started learning)."""
         cfg, c = self.cfg, self.counters
         vector_step = c.env_steps // cfg.num_envs
@@ -315,7 +315,7 @@ class Trainer:
             return self._replace_workers(fault)
 
     def _replace_workers(self, fault: highway.WorkerFault) -> np.ndarray:
-        """SPEC 10: close the faulted vector env and start a new one; the running episodes end
+        """design §10: close the faulted vector env and start a new one; the running episodes end
         there (nothing of the faulted step was stored), learner, buffer and counters carry on."""
         cfg, c = self.cfg, self.counters
         highway.close_vector_env(self.envs, faulted=True)
@@ -383,7 +383,7 @@ class Trainer:
         self.display.log(record)
 
     def _evaluate(self) -> None:
-        """Periodic evaluation; a worker fault skips it and rebuilds the evaluator (SPEC 10)."""
+        """Periodic evaluation; a worker fault skips it and rebuilds the evaluator (design §10)."""
         if self.evaluator is None:
             return
         c = self.counters

@@ -1,6 +1,6 @@
-"""The env layer (SPEC 3): one highway-env per worker, and the AsyncVectorEnv of N of them.
+"""The env layer (design §3): one highway-env per worker, and the AsyncVectorEnv of N of them.
 
-No JAX here: forkserver/spawn workers import this module (SPEC 2, import hygiene).
+No JAX here: forkserver/spawn workers import this module (design §2, import hygiene).
 
 Seeding: worker i is built with seed `seed + i` and reset with it once at construction, so every
 worker's simulator and action space start from a distinct, reproducible seed. The driver's
@@ -8,7 +8,7 @@ worker's simulator and action space start from a distinct, reproducible seed. Th
 that, SAME_STEP autoresets continue each worker's own random stream.
 
 Info keys of every step and reset (`STEP_KEYS` plus `rewards`), per worker:
-  offroad             bool   SPEC 3 rule: |lateral lane offset| > half the lane width, or not on the road
+  offroad             bool   design §3 rule: |lateral lane offset| > half the lane width, or not on the road
   crashed             bool
   speed               float  m/s
   forward_speed       float  speed * cos(heading), m/s
@@ -97,7 +97,7 @@ def _check_keys(config: dict, known: Container[str], where: str) -> None:
 
 
 class HighwayLayer(gym.Wrapper):
-    """Flat clipped observation, enriched info and the env layer's offroad rules (SPEC 3)."""
+    """Flat clipped observation, enriched info and the env layer's offroad rules (design §3)."""
 
     def __init__(self, env: gym.Env, max_offroad_steps: int, offroad_termination_reward: float):
         super().__init__(env)
@@ -141,7 +141,7 @@ class HighwayLayer(gym.Wrapper):
         info = self._info(info)
         self.offroad_steps = self.offroad_steps + 1 if info["offroad"] else 0
         terminated = bool(terminated) or 0 < self.max_offroad_steps <= self.offroad_steps
-        # SPEC 3: an offroad termination is a termination without a crash
+        # design §3: an offroad termination is a termination without a crash
         info["offroad_terminated"] = terminated and not info["crashed"]
         reward = float(reward)
         if info["offroad_terminated"]:
@@ -262,7 +262,7 @@ def make_env(
 def _worker_env(
     env_cfg: EnvConfig, seed: int | None, env_index: int, render_mode: str | None, wrapper
 ) -> gym.Env:
-    # A terminal's Ctrl-C reaches the whole process group; only the driver handles it (SPEC 8).
+    # A terminal's Ctrl-C reaches the whole process group; only the driver handles it (design §8).
     # AsyncVectorEnv also calls the first factory in the driver: keep the driver's handler there.
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -294,7 +294,7 @@ def make_vector_env(
         if wrapper is not None:
             preload.append(wrapper.__module__)
         multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
-    # The driver reports worker faults itself, in one line (SPEC 10); gymnasium would also log
+    # The driver reports worker faults itself, in one line (design §10); gymnasium would also log
     # each one with the worker's traceback, and warn when a faulted vector env is closed.
     gym.logger.min_level = gym.logger.ERROR + 1
     env_fns = [
@@ -338,7 +338,7 @@ WORKER_ERRORS = (EnvWorkerError, EOFError, BrokenPipeError, ConnectionResetError
 
 
 class WorkerFault(Exception):
-    """A vector-env call failed because a worker raised or died (SPEC 10); `env_index` is None when
+    """A vector-env call failed because a worker raised or died (design §10); `env_index` is None when
     it could not be found. Not a RuntimeError: only these are worker faults, and an error of the
     driver's own code keeps its traceback."""
 

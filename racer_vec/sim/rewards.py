@@ -1,6 +1,6 @@
-"""The training reward (SPEC 6), vectorized numpy over N envs and V vehicles.
+"""The training reward (design §6), vectorized numpy over N envs and V vehicles.
 
-No JAX here: env workers import this module (SPEC 2, import hygiene).
+No JAX here: env workers import this module (design §2, import hygiene).
 Observation rows are highway-env Kinematics features `[presence, x, y, vx, vy, heading]`: row 0 is the
 ego in absolute coordinates, the other rows have x, y, vx, vy relative to the ego and an absolute heading.
 """
@@ -62,11 +62,11 @@ def collision_risk(
 
 
 def training_reward(next_obs, base_reward, env_rewards, offroad, cfg) -> dict:
-    """SPEC 6: base + speed correction + safety_coeff * (collision risk + offroad penalty).
+    """design §6: base + speed correction + safety_coeff * (collision risk + offroad penalty).
 
     next_obs: (N, V*6) or (N, V, 6), the real next observations (final ones for finished episodes).
     base_reward: (N,) env reward. env_rewards: highway-env's info["rewards"] dict, each value (N,).
-    offroad: (N,) bool. cfg: see SPEC 2 (`racer_vec.config.RewardParams` fits); the risk parameters
+    offroad: (N,) bool. cfg: see design §2 (`racer_vec.config.RewardParams` fits); the risk parameters
     fall back to collision_risk's defaults when cfg lacks them.
     Returns a dict of (N,) float64 arrays.
     """

@@ -1,4 +1,4 @@
-"""Steps per second: env-only, learner-only and end-to-end training (SPEC 9).
+"""Steps per second: env-only, learner-only and end-to-end training (design §9).
 
     python -m racer_vec.benchmark [PRESET] [--workers 1 2 4 8] [--seconds 20] [--output FILE]
 
