@@ -244,6 +244,9 @@ def test_incompatible_checkpoint_is_one_line_and_exit_2(tiny_run, tmp_path, caps
     state = json.loads(state_file.read_text())
     state["config"]["agent"]["hidden_dims"] = [64, 64]  # the saved arrays are 32 wide
     state_file.write_text(json.dumps(state))
+    from racer_vec.run.checkpoints import _write_manifest
+
+    _write_manifest(copy / "200")  # an intact checkpoint, of another agent
     code, _, err = run_cli(capsys, "--checkpoint", copy, "--no-render")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "does not match" in err
