@@ -1,5 +1,7 @@
 """Actor distribution, PointNet encoder, critic ensemble and flat parameter layouts (design §4.1, 4.2)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +149,38 @@ def test_pointnet_gradient_matches_plain_autodiff():
     expected = jax.jit(jax.grad(reference))(params)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_pointnet_gradient_under_jit_matches_finite_differences():
+    """Against float64 finite differences of a numpy PointNet: XLA:CPU (jaxlib 0.10.2) once
+    miscompiled the gradient of a plain jnp.max pooling under jit, which autodiff of the same
+    formula (the test above) cannot see."""
+    rng = np.random.default_rng(0)
+    cfg = dataclasses.replace(CFG, pointnet_dim=5)  # shapes at which the miscompile showed
+    params = jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32),
+                          actor_init(key(0), cfg, 8 * 6)["pointnet"])  # fmt: skip
+    obs = rng.normal(size=(16, 8, 6))
+    obs[..., 0] = rng.random((16, 8)) < 0.7
+    others = obs[:, 1:]
+    weights = rng.normal(size=(16, cfg.pointnet_dim))
+
+    def pooled(p):
+        h = others @ p["dense"]["kernel"] + p["dense"]["bias"]
+        h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+        z = (h * p["norm"]["scale"] + p["norm"]["bias"]) * (others[..., :1] > 0.5)
+        return np.sum(weights * np.maximum(z.max(axis=-2), 0.0))
+
+    ours = jax.jit(jax.grad(lambda p: jnp.sum(weights * networks.pointnet_pool(p, jnp.asarray(others, jnp.float32)))))(
+        params
+    )
+    p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    for path, leaf in jax.tree.leaves_with_path(p64):
+        grad = np.zeros_like(leaf)
+        for i in np.ndindex(leaf.shape):
+            for sign in (1, -1):
+                bumped = leaf.copy()
+                bumped[i] += sign * 1e-6
+                trial = jax.tree.map_with_path(lambda q, x: bumped if q == path else x, p64)
+                grad[i] += sign * pooled(trial) / 2e-6
+        actual = np.asarray(dict(jax.tree.leaves_with_path(ours))[path])
+        np.testing.assert_allclose(actual, grad, rtol=2e-3, atol=2e-3, err_msg=jax.tree_util.keystr(path))
