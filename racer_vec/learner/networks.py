@@ -148,12 +148,27 @@ def pointnet_pool(p: Params, others):
         h = _rows_dense(others, p["dense"]["kernel"], p["dense"]["bias"])  # (..., V-1, H)
         z = _layer_norm(p["norm"], h)
         present = (others[..., :1] > 0.5).astype(z.dtype)
-        masked = z * present
-        # The max as a gather at its argmax: XLA:CPU (jaxlib 0.10.2) miscompiles the gradient of
-        # jnp.max here under jit (the LayerNorm and bias gradients came out 12-100% off), while a
-        # gather's gradient goes to the chosen row. The forward values are the same floats.
-        rows = jnp.argmax(masked, axis=-2)[..., None, :]
-        return jax.nn.relu(jnp.take_along_axis(masked, rows, axis=-2)[..., 0, :])
+        return jax.nn.relu(_row_max(z.shape[-2], z * present))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _row_max(rows: int, x):
+    """`jnp.max(x, axis=-2)` with its gradient sent to the argmax row. XLA:CPU (jaxlib 0.10.2)
+    miscompiles jnp.max's own gradient here under jit (the PointNet's LayerNorm and bias
+    gradients came out 12-100% off); the forward values are the same floats."""
+    return jnp.max(x, axis=-2)
+
+
+def _row_max_fwd(rows: int, x):
+    return jnp.max(x, axis=-2), jnp.argmax(x, axis=-2)
+
+
+def _row_max_bwd(rows: int, argmax, g):
+    chosen = jnp.arange(rows)[:, None] == argmax[..., None, :]  # (..., rows, H)
+    return (jnp.where(chosen, g[..., None, :], jnp.zeros((), g.dtype)),)
+
+
+_row_max.defvjp(_row_max_fwd, _row_max_bwd)
 
 
 def encode(params: Params, obs):
