@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test train bench
+.PHONY: test test-quick train bench
 
 # (Re)install when the venv is missing or older than pyproject.toml.
 $(STAMP): pyproject.toml
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Everyday work: the suite without the real runs and multi-process fault tests (about a minute).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # Train the default preset; extra flags via ARGS, e.g. make train ARGS="highway_fast --num-envs 8".
 train: $(STAMP)

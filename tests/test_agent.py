@@ -85,6 +85,7 @@ def device_run(num_devices):
     }
 
 
+@pytest.mark.slow
 def test_one_and_two_devices_agree():
     script = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_agent; " \
              "print(json.dumps(test_agent.device_run(2)))"

@@ -309,6 +309,7 @@ SIGINT_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigint_to_the_process_group_reaches_only_the_driver(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(SIGINT_DRIVER)

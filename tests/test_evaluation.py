@@ -182,6 +182,7 @@ def test_evaluator_reused_between_evaluations():
         evaluator.close()
 
 
+@pytest.mark.slow
 def test_periodic_deterministic_evaluation_does_not_depend_on_the_worker_count(tiny_run):
     """train.py's periodic evaluation: the agent's deterministic actions on 1 and on 3 workers."""
     import jax
@@ -301,6 +302,7 @@ def test_damaged_newest_checkpoint_falls_back_and_an_explicit_one_is_refused(tin
     assert len(lines) == 1 and str(run / "checkpoints" / "400") in lines[0] and "damaged" in lines[0]
 
 
+@pytest.mark.slow
 def test_killed_worker_in_evaluate_is_one_line_naming_worker_and_episode(tmp_path):
     import os
     import time

@@ -11,6 +11,7 @@ TINY = PendulumArgs(steps=450, start_training=200, batch_size=32, hidden_dims=(1
                     eval_episodes=1)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tiny_check_trains_and_evaluates():
     logged = []
     evaluations = pendulum.run(TINY, log=logged.append)

@@ -47,6 +47,7 @@ def test_tiny_run_writes_config_metrics_and_checkpoints(tiny_run):
     assert any((tiny_run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
@@ -90,6 +91,7 @@ def _adam_counts(run_dir, step):
     return {**counts, "updates": int(agent["updates"])}
 
 
+@pytest.mark.slow
 def test_reset_schedule_reinitializes_and_a_resumed_run_does_not_reset_again(tiny_run, tmp_path):
     """design §11 at the tiny scale: resets at vector steps 60 and 120 (env steps 120 and 240), none at
     180 (360 is past 80% of 400). Updates run from 100 env steps, one per vector step."""
@@ -110,6 +112,7 @@ def test_reset_schedule_reinitializes_and_a_resumed_run_does_not_reset_again(tin
     assert _adam_counts(run_dir, 400) == _adam_counts(tiny_run, 400)
 
 
+@pytest.mark.slow
 def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
@@ -170,6 +173,7 @@ def _wait_all_gone(sid, timeout=20.0):
     [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)],
     ids=["Ctrl-C to the process group", "SIGTERM to the driver", "SIGTERM to the process group"],
 )
+@pytest.mark.slow
 def test_stop_signals_checkpoint_and_leave_nothing(tmp_path, signum, group):
     proc = _start_long_run(tmp_path, "--wandb-mode", "offline")
     if group:
@@ -194,6 +198,7 @@ def _workers(driver_pid):
     return sorted(workers, key=lambda p: p.create_time())
 
 
+@pytest.mark.slow
 def test_killed_training_worker_is_replaced_and_the_run_finishes(tmp_path):
     proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", max_steps=600)
     workers = _workers(proc.pid)
@@ -210,6 +215,7 @@ def test_killed_training_worker_is_replaced_and_the_run_finishes(tmp_path):
     assert state["counters"]["worker_restarts_total"] == 1
 
 
+@pytest.mark.slow
 def test_killed_evaluation_worker_is_replaced_and_the_run_finishes(tmp_path):
     proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", "--eval-interval", "200", max_steps=600)
     workers = _workers(proc.pid)
@@ -227,6 +233,7 @@ def test_killed_evaluation_worker_is_replaced_and_the_run_finishes(tmp_path):
     assert [r["eval/num_episodes"] for r in rows if "eval/num_episodes" in r] == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_run_past_its_restart_limit_stops_with_a_checkpoint(tmp_path):
     proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", "--max-worker-restarts", "0", learn=False)
     workers = _workers(proc.pid)
@@ -301,6 +308,7 @@ def test_the_loop_compiles_its_calls_once(tmp_path):
         trainer.close()
 
 
+@pytest.mark.slow
 def test_the_same_command_trains_the_same_run(tiny_run, tmp_path):
     # Results rows are checked by rerunning their command: everything but the clock must repeat,
     # bit for bit (env seeds, warm-up actions, minibatches, XLA's CPU arithmetic).
@@ -351,6 +359,7 @@ class FakeEvaluator:
         self.closed = True
 
 
+@pytest.mark.slow
 def test_wall_time_counts_each_evaluation_once(tmp_path):
     trainer = _trainer(tmp_path, "--eval-interval", "4", "--max-steps", "24", "--start-training", "100000",
                        "--batch-size", "2")  # fmt: skip
@@ -366,6 +375,7 @@ def test_wall_time_counts_each_evaluation_once(tmp_path):
         trainer.close()
 
 
+@pytest.mark.slow
 def test_a_periodic_evaluation_fault_skips_it_and_rebuilds_the_evaluator(tmp_path, monkeypatch, capsys):
     trainer = _trainer(tmp_path, "--eval-interval", "4", "--max-steps", "12", "--start-training", "100000",
                        "--batch-size", "2", "--log-interval", "4")  # fmt: skip
@@ -418,6 +428,7 @@ def test_no_update_before_the_buffer_holds_a_transition(tmp_path):
         trainer.close()
 
 
+@pytest.mark.slow
 def test_resume_restores_the_buffer_that_was_in_memory(tmp_path):
     from racer_vec.run.train_cli import parse_train_args
     from racer_vec.run.training import Trainer
@@ -449,6 +460,7 @@ def _damage(step_dir, how="truncate"):
 
 
 @pytest.mark.parametrize("manifest", [True, False], ids=["files.json", "without files.json"])
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_run, tmp_path, manifest):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
@@ -468,6 +480,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_run, tmp_path, m
     assert _metrics(run_dir)[-1]["env_steps"] == 420
 
 
+@pytest.mark.slow
 def test_resume_without_an_intact_checkpoint_is_one_line_and_exit_2(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)

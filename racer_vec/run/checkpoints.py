@@ -156,7 +156,8 @@ def _crc(path: Path) -> int:
 
 
 def _write_manifest(root: Path) -> None:
-    files = {str(p.relative_to(root)): [p.stat().st_size, _crc(p)] for p in sorted(root.rglob("*")) if p.is_file()}
+    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(MANIFEST)]
+    files = {str(p.relative_to(root)): [p.stat().st_size, _crc(p)] for p in paths}
     tmp = root / f"{MANIFEST}.tmp"
     tmp.write_text(json.dumps(files, indent=0) + "\n")
     tmp.replace(root / MANIFEST)
