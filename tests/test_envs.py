@@ -13,6 +13,8 @@ from dataclasses import field
 import numpy as np
 import pytest
 
+from conftest import ROOT
+
 import configs
 from racer_vec.config import STEERING, ConfigError, EnvConfig
 from racer_vec.sim.highway import (
@@ -188,9 +190,22 @@ def test_env_worker_error_pickles_and_survives_gymnasiums_rewrap():
 
 
 def test_no_jax_in_worker_imports():
-    code = "import sys, racer_vec, racer_vec.sim.highway, racer_vec.rewards, racer_vec.config, configs; print('jax' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    """Design §2: the whole simulator side, the config, the presets, the entry points' and the
+    tools' -m modules import no JAX (workers re-import them as __mp_main__)."""
+    code = """
+import importlib, pkgutil, sys
+import racer_vec.sim
+sim = [m.name for m in pkgutil.walk_packages(racer_vec.sim.__path__, "racer_vec.sim.")]
+assert {"racer_vec.sim.highway", "racer_vec.sim.fast_sim", "racer_vec.sim.rewards", "racer_vec.sim.video"} <= set(sim)
+for name in sim + ["racer_vec", "racer_vec.config", "racer_vec.rewards", "configs", "train", "evaluate",
+                   "racer_vec.benchmark", "racer_vec.plot", "racer_vec.results", "racer_vec.pendulum",
+                   "racer_vec.sweep", "racer_vec.run.evaluation"]:
+    importlib.import_module(name)
+print(sorted(m for m in sys.modules if m == "jax" or m.startswith("jax.")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 # ---- vector env (forkserver workers) --------------------------------------------------------
