@@ -108,3 +108,23 @@ def test_results_files_of_one_run_merge_into_one_line(tmp_path):
 )
 def test_rate_panels_stay_within_0_and_100_percent(data, expected):
     assert plot.percent_limits(*data) == pytest.approx(expected)
+
+
+def test_tradeoff_figure_from_results_files(tmp_path):
+    def record(name, risk, release_target, speed, ret, collisions):
+        return {"run": name, "env_steps": 240000, "cvar_risk": risk,
+                "config": {"agent": {"bootstrap_terminations": release_target}},
+                "evaluation": {"mean_ego_speed": speed, "mean_return": ret},
+                "training": {"train_collisions_total": collisions}}  # fmt: skip
+
+    files = []
+    for i, r in enumerate([record("a", 0.5, False, 22.8, 62.7, 46), record("b", 0.5, True, 29.1, 53.5, 154)]):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(r))
+    points = plot.tradeoff_points([json.loads(f.read_text()) for f in files])
+    assert [(p["target"], p["speed"], p["collisions"]) for p in points] == [
+        ("masked target", 22.8, 46), ("release's target (no mask)", 29.1, 154)]
+    output = tmp_path / "tradeoff.png"
+    assert plot.main(["--tradeoff", *map(str, files), "--output", str(output)]) == 0
+    assert output.stat().st_size > 10_000
+    assert plot.main(["--tradeoff", str(tmp_path / "nope.json"), "--output", str(output)]) == 2

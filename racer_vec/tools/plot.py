@@ -2,6 +2,7 @@
 
     python -m racer_vec.plot runs/a runs/b --output curves.png
     python -m racer_vec.plot results/a_120000.json results/b_120000.json   # from results files
+    python -m racer_vec.plot --tradeoff results/hf_*.json --output docs/speed_vs_safety.png
 
 A results file (`racer_vec.results collect`) holds its run's curve up to the evaluated step, so
 committed figures can be redrawn without the run directories. Results files of the same run (say at
@@ -25,6 +26,7 @@ import numpy as np
 import tyro
 
 from racer_vec.config import ConfigError
+from racer_vec.tools.results import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,9 @@ class PlotArgs:
     """Moving-average window for episode returns, in log intervals (1: no smoothing)."""
     title: str | None = None
     """Figure title; default: the presets of the runs."""
+    tradeoff: bool = False
+    """Instead of learning curves: every results file as a point, evaluation speed and return
+    against training collisions, beside the release's published rows (design §11)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +218,70 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
     return output
 
 
+RELEASE_ROWS = (
+    # (label, evaluation return, speed m/s, training collisions) at 1.6M transitions (design §11)
+    ("release: CVaR 0.5", 102.4, 39.1, 2057),
+    ("release: CVaR 0.8", 56.0, 25.2, 543),
+    ("release: SAC", 54.4, 24.5, 677),
+)
+
+
+def tradeoff_points(records: list[dict]) -> list[dict]:
+    """One point per results file: its evaluation speed and return, its training collisions."""
+    points = []
+    for r in records:
+        try:
+            release_target = r["config"]["agent"].get("bootstrap_terminations", False)
+            points.append({
+                "label": f"{r['run']} @ {r['env_steps'] / 1000:g}k",
+                "cvar_risk": r["cvar_risk"],
+                "target": "release's target (no mask)" if release_target else "masked target",
+                "speed": r["evaluation"]["mean_ego_speed"],
+                "return": r["evaluation"]["mean_return"],
+                "collisions": r["training"]["train_collisions_total"],
+            })  # fmt: skip
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{r.get('run', '?')}: not a results file ({exc} missing)") from None
+    return points
+
+
+def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = tradeoff_points(records)
+    risks = sorted({p["cvar_risk"] for p in points})
+    colours = {risk: plt.cm.viridis(i / max(len(risks) - 1, 1)) for i, risk in enumerate(risks)}
+    markers = {"masked target": "o", "release's target (no mask)": "s"}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
+    for ax, key, name in ((axes[0], "speed", "evaluation speed [m/s]"), (axes[1], "return", "evaluation return")):
+        for p in points:
+            ax.scatter(p["collisions"], p[key], color=colours[p["cvar_risk"]], marker=markers[p["target"]],
+                       s=70, edgecolor="black", linewidth=0.5, zorder=3)  # fmt: skip
+            ax.annotate(p["label"], (p["collisions"], p[key]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        for label, ret, speed, collisions in RELEASE_ROWS:
+            value = speed if key == "speed" else ret
+            ax.scatter(collisions, value, marker="*", s=260, color="crimson", edgecolor="black", zorder=4)
+            ax.annotate(f"{label} @ 1.6M", (collisions, value), textcoords="offset points", xytext=(6, -12),
+                        fontsize=8, color="crimson")  # fmt: skip
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("training collisions (total up to the evaluated step)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], ls="", marker=m, color="grey", markeredgecolor="black", label=t)
+               for t, m in markers.items() if any(p["target"] == t for p in points)]  # fmt: skip
+    handles += [plt.Line2D([], [], ls="", marker="o", color=colours[r], label=f"CVaR {r:g}") for r in risks]
+    handles.append(plt.Line2D([], [], ls="", marker="*", markersize=14, color="crimson", label="the release's table"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    fig.suptitle(title or "Speed and return against training collisions: up and left is better", fontsize=12)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output
+
+
 def percent_limits(lo: float, hi: float, min_span: float = 10.0, pad: float = 1.0) -> tuple[float, float]:
     """y-limits of a rate panel: inside 0-100% (plus `pad` so markers on the bounds show) and at
     least `min_span` points tall, so that a flat 0% or 100% does not get ticks like -0.04% or 104%."""
@@ -236,11 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--smooth must be at least 1, got {args.smooth}")
         if args.output.suffix.lower() != ".png":
             raise ConfigError(f"--output {args.output}: must end in .png")
-        runs = merge_runs([load_run(Path(d)) for d in args.runs])
+        if args.tradeoff:
+            records = [read_json(Path(f), "results file") for f in args.runs]
+            path = plot_tradeoff(records, args.output, title=args.title)
+        else:
+            runs = merge_runs([load_run(Path(d)) for d in args.runs])
+            path = plot_runs(runs, args.output, smooth=args.smooth, title=args.title)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = plot_runs(runs, args.output, smooth=args.smooth, title=args.title)
     print(f"wrote {path}")
     return 0
 

@@ -46,7 +46,7 @@ class Table:
     mean over its seeds."""
 
 
-def _read_json(path: Path, what: str):
+def read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -88,8 +88,8 @@ def curve(metrics: dict[int, dict], last_step: int) -> list[dict]:
 
 
 def collect(run_dir: Path, evaluation_file: Path) -> dict:
-    config = _read_json(run_dir / "config.json", "run config (is this a run directory?)")
-    evaluation = _read_json(evaluation_file, "evaluation file")
+    config = read_json(run_dir / "config.json", "run config (is this a run directory?)")
+    evaluation = read_json(evaluation_file, "evaluation file")
     checkpoint = (evaluation.get("config") or {}).get("checkpoint")
     if not checkpoint:
         raise ConfigError(f"{evaluation_file}: evaluates a baseline policy, not a checkpoint of {run_dir}")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not command.files:
                 raise ConfigError("give at least one results file")
-            records = [_read_json(f, "results file") for f in command.files]
+            records = [read_json(f, "results file") for f in command.files]
             print(mean_table(records) if command.mean_over_seeds else table(records))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
