@@ -32,6 +32,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import load_env_creator
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode
+from gymnasium.vector.async_vector_env import AsyncState
 
 from racer_vec.config import ConfigError, EnvConfig
 from racer_vec.sim.video import configure_headless
@@ -411,4 +412,6 @@ def close_vector_env(envs: AsyncVectorEnv, *, faulted: bool) -> None:
         for process in envs.processes:
             if process.is_alive():
                 process.kill()
+        # close() would first wait for the pending call on the dead workers' pipes, and raise
+        envs._state = AsyncState.DEFAULT
     envs.close(terminate=faulted)
