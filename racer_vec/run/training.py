@@ -386,7 +386,6 @@ class Trainer:
         """Periodic evaluation; a worker fault skips it and rebuilds the evaluator (design §10)."""
         if self.evaluator is None:
             return
-        c = self.counters
         dead = self.evaluator.dead_workers()
         if dead:
             self._rebuild_evaluator(f"evaluation worker {dead[0]} had died", skipped=False)

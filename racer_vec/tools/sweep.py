@@ -1289,6 +1289,6 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # Run as racer_vec.tools.sweep, not as __main__: Ray pickles the trial class by reference to its module.
-    from racer_vec.tools.sweep import main as _main
+    from racer_vec.tools.sweep import main as imported_main
 
-    sys.exit(_main())
+    sys.exit(imported_main())
