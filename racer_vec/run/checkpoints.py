@@ -61,16 +61,13 @@ class Checkpointer:
     def restore_newest(self, agent_template, buffer_template=None):
         """(step, agent, state, buffer or None, damaged) of the newest step that restores intact;
         `damaged` lists the newer (step, reason) passed over. ConfigError when none is intact."""
-        damaged = []
-        for step in self.steps():
-            buffer = buffer_template if self.has_buffer(step) else None
-            try:
-                self.verify(step)
-                return (step, *self.restore(step, agent_template, buffer), damaged)
-            except DamagedCheckpoint as exc:
-                damaged.append((step, str(exc)))
-        reasons = "; ".join(f"{step}: {reason}" for step, reason in damaged) or "no checkpoint"
-        raise ConfigError(f"{self.directory}: no intact checkpoint ({reasons})")
+
+        def attempt(step):
+            self.verify(step)
+            return self.restore(step, agent_template, buffer_template if self.has_buffer(step) else None)
+
+        step, restored, damaged = first_intact(self.steps(), attempt, str(self.directory))
+        return (step, *restored, damaged)
 
     def set_aside(self, steps) -> None:
         """Rename damaged steps to `<step>.damaged` (kept, not deleted), so that training from an
@@ -221,15 +218,22 @@ def locate(path: str | Path) -> tuple[Path, int | None]:
 
 def newest_intact(directory: Path, items=EVALUATION_ITEMS) -> tuple[int, list[tuple[int, str]]]:
     """(newest step whose `items` are intact, the newer (step, reason) passed over)."""
+    steps = sorted((int(p.name) for p in Path(directory).iterdir() if p.name.isdigit()), reverse=True)
+    step, _, damaged = first_intact(steps, lambda s: verify(Path(directory) / str(s), items), f"--checkpoint {directory}")
+    return step, damaged
+
+
+def first_intact(steps, attempt, where: str):
+    """(step, attempt(step), the newer (step, reason) passed over) for the first of `steps` (newest
+    first) whose `attempt` raises no DamagedCheckpoint; ConfigError naming `where` when none does."""
     damaged = []
-    for step in sorted((int(p.name) for p in Path(directory).iterdir() if p.name.isdigit()), reverse=True):
+    for step in steps:
         try:
-            verify(Path(directory) / str(step), items)
-            return step, damaged
+            return step, attempt(step), damaged
         except DamagedCheckpoint as exc:
             damaged.append((step, str(exc)))
-    reasons = "; ".join(f"{step}: {reason}" for step, reason in damaged)
-    raise ConfigError(f"--checkpoint {directory}: no intact checkpoint ({reasons})")
+    reasons = "; ".join(f"{step}: {reason}" for step, reason in damaged) or "no checkpoint"
+    raise ConfigError(f"{where}: no intact checkpoint ({reasons})")
 
 
 def damage_warning(damaged: list[tuple[int, str]], used: int) -> str:
