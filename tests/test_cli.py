@@ -118,3 +118,15 @@ def test_fast_sim_is_default_and_no_fast_sim_swaps_back():
     assert simulator_id(parse_train_args(["highway_fast"]).env) == "racer_vec.sim.fast_sim:fast-highway-fast-v0"
     with pytest.raises(ConfigError, match="--env.fast-sim"):
         simulator_id(dataclasses.replace(stock, env_id="highway_env:merge-v0", fast_sim=True))
+
+
+@pytest.mark.parametrize("tool", ["benchmark", "pendulum", "plot", "results"])
+def test_tool_usage_names_the_documented_command(tool, capsys):
+    """`--help` shows the `python -m racer_vec.<tool>` a user typed, not a path into the package."""
+    import importlib
+
+    main = importlib.import_module(f"racer_vec.tools.{tool}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.lstrip().startswith(f"usage: python -m racer_vec.{tool} ")

@@ -270,7 +270,7 @@ def format_tables(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = tyro.cli(BenchmarkArgs, args=argv, description=__doc__.splitlines()[0])
+    args = tyro.cli(BenchmarkArgs, args=argv, description=__doc__.splitlines()[0], prog="python -m racer_vec.benchmark")
     try:
         try:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,7 @@ def run(args: PendulumArgs, log=print) -> list[tuple[int, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = tyro.cli(PendulumArgs, args=argv, description=__doc__.splitlines()[0])
+    args = tyro.cli(PendulumArgs, args=argv, description=__doc__.splitlines()[0], prog="python -m racer_vec.pendulum")
     try:
         evaluations = run(args)
     except ConfigError as exc:

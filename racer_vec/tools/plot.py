@@ -297,7 +297,7 @@ def _thousands(x: float, _pos) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = tyro.cli(PlotArgs, args=argv, description=__doc__.splitlines()[0])
+    args = tyro.cli(PlotArgs, args=argv, description=__doc__.splitlines()[0], prog="python -m racer_vec.plot")
     try:
         if not args.runs:
             raise ConfigError("give at least one run directory")

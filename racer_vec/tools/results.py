@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     command = tyro.cli(
         Union[Annotated[Collect, tyro.conf.subcommand("collect")], Annotated[Table, tyro.conf.subcommand("table")]],
         args=argv,
-        description=__doc__.splitlines()[0],
+        description=__doc__.splitlines()[0], prog="python -m racer_vec.results",
     )
     try:
         if isinstance(command, Collect):
