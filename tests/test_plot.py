@@ -124,7 +124,21 @@ def test_tradeoff_figure_from_results_files(tmp_path):
     points = plot.tradeoff_points([json.loads(f.read_text()) for f in files])
     assert [(p["target"], p["speed"], p["collisions"]) for p in points] == [
         ("masked target", 22.8, 46), ("release's target (no mask)", 29.1, 154)]
+    assert plot.trajectories(points) == []
     output = tmp_path / "tradeoff.png"
     assert plot.main(["--tradeoff", *map(str, files), "--output", str(output)]) == 0
     assert output.stat().st_size > 10_000
     assert plot.main(["--tradeoff", str(tmp_path / "nope.json"), "--output", str(output)]) == 2
+
+
+def test_tradeoff_joins_one_runs_evaluations_in_step_order():
+    """A resumed run keeps its first start, so its files join; a rerun under the same name does not."""
+    def record(steps, started, collisions):
+        return {"run": "a", "env_steps": steps, "cvar_risk": 0.5, "config": {"agent": {}},
+                "evaluation": {"mean_ego_speed": 20.0, "mean_return": 50.0},
+                "training": {"train_collisions_total": collisions},
+                "sessions": [{"started": started}, {"started": "later"}][: 1 + (steps > 120000)]}  # fmt: skip
+
+    points = plot.tradeoff_points([record(240000, "t0", 46), record(120000, "t0", 23), record(120000, "t1", 29)])
+    (path,) = plot.trajectories(points)
+    assert [(p["env_steps"], p["collisions"]) for p in path] == [(120000, 23), (240000, 46)]

@@ -239,10 +239,23 @@ def tradeoff_points(records: list[dict]) -> list[dict]:
                 "speed": r["evaluation"]["mean_ego_speed"],
                 "return": r["evaluation"]["mean_return"],
                 "collisions": r["training"]["train_collisions_total"],
+                # one training run across its results files: resumes keep the first start (a rerun under
+                # the same name does not)
+                "run_id": (r["run"], (r.get("sessions") or [{}])[0].get("started")),
+                "env_steps": r["env_steps"],
             })  # fmt: skip
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{r.get('run', '?')}: not a results file ({exc} missing)") from None
     return points
+
+
+def trajectories(points: list[dict]) -> list[list[dict]]:
+    """The points of each training run evaluated at two or more steps, in step order: the path one
+    agent takes through the figure as it trains on."""
+    runs: dict[tuple, list[dict]] = {}
+    for p in points:
+        runs.setdefault(p["run_id"], []).append(p)
+    return [sorted(ps, key=lambda p: p["env_steps"]) for ps in runs.values() if len(ps) > 1]
 
 
 def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -> Path:
@@ -257,6 +270,9 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     markers = {"masked target": "o", "release's target (no mask)": "s"}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
     for ax, key, name in ((axes[0], "speed", "evaluation speed [m/s]"), (axes[1], "return", "evaluation return")):
+        for path in trajectories(points):
+            ax.plot([p["collisions"] for p in path], [p[key] for p in path], color=colours[path[0]["cvar_risk"]],
+                    lw=1, alpha=0.6, zorder=2)  # fmt: skip
         for p in points:
             ax.scatter(p["collisions"], p[key], color=colours[p["cvar_risk"]], marker=markers[p["target"]],
                        s=70, edgecolor="black", linewidth=0.5, zorder=3)  # fmt: skip
@@ -275,7 +291,9 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     handles += [plt.Line2D([], [], ls="", marker="o", color=colours[r], label=f"CVaR {r:g}") for r in risks]
     handles.append(plt.Line2D([], [], ls="", marker="*", markersize=14, color="crimson", label="the release's table"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
-    fig.suptitle(title or "Speed and return against training collisions: up and left is better", fontsize=12)
+    fig.suptitle((title or "Speed and return against training collisions: up and left is better")
+                 + ("\nlines join one run's evaluations as it trains on" if trajectories(points) else ""),
+                 fontsize=12)  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
     plt.close(fig)
