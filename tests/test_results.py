@@ -106,3 +106,20 @@ def test_mean_over_seeds_groups_runs_that_differ_only_in_seed(tiny_run, evaluati
     assert len(lines) == 2 + 3 and lines[0].startswith("| preset | CVaR | transitions | seeds |")
     (pair,) = [line for line in lines if "tiny, tiny_s1" in line]
     assert "| 0, 1 |" in pair and "| 38% |" in pair and pair.endswith("| 15.0 |")
+
+
+def test_provenance_names_the_cpu_model_and_cache(tmp_path, monkeypatch):
+    """Hosts reporting the same CPU name ran the same command to different numbers: a session's
+    machine record keeps the family, model, stepping and cache that tell them apart."""
+    from racer_vec.run import provenance
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nstepping\t: 1\ncache size\t: 1024 KB\n\n"
+                    "processor\t: 1\ncpu family\t: 99\nmodel name\t: other\n")  # fmt: skip
+    assert provenance.cpuinfo(str(fake))["cpu family"] == "25"
+    monkeypatch.setattr(provenance.cpuinfo, "__defaults__", (str(fake),))
+    machine = provenance.machine_info()
+    assert (machine["cpu"], machine["cpu_model"], machine["cpu_cache"]) == (
+        "AMD EPYC", "family 25 model 17 stepping 1", "1024 KB")
+    assert provenance.cpuinfo(str(tmp_path / "none")) == {}

@@ -14,20 +14,35 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "highway-env", "gymnasium", "numpy
 def machine_info() -> dict:
     import jax
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpuinfo()
     return {
-        "cpu": cpu,
+        "cpu": cpu.get("model name", platform.processor()),
+        # hosts that report the same name can differ in model and caches, and XLA's CPU kernels with
+        # them, enough to change a long run's numbers (README, Results)
+        "cpu_model": " ".join(f"{key.removeprefix('cpu ')} {cpu[key]}" for key in ("cpu family", "model", "stepping")
+                              if key in cpu),  # fmt: skip
+        "cpu_cache": cpu.get("cache size", ""),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
         "packages": {p: metadata.version(p) for p in PACKAGES},
     }
+
+
+def cpuinfo(path: str = "/proc/cpuinfo") -> dict:
+    """The first processor's block of /proc/cpuinfo (empty where there is none)."""
+    info = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
 
 
 def source_commit() -> dict:
