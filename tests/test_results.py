@@ -56,7 +56,7 @@ def test_collect_and_table(tiny_run, evaluation, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and lines[0].startswith("| run | CVaR |")
     assert lines[2].startswith("| tiny | 0.5 | 0 | 0.2k |")
-    assert f"{100 * summary['collision_rate']:.0f}%" in lines[2]
+    assert f"| {100 * summary['collision_rate']:.0f}% | {100 * summary['offroad_episode_rate']:.0f}% |" in lines[2]
 
 
 def test_evaluation_of_another_run_is_refused(tiny_run, evaluation, tmp_path, capsys):
@@ -79,6 +79,7 @@ def test_mean_over_seeds_groups_runs_that_differ_only_in_seed(tiny_run, evaluati
                          str(tmp_path / "s0.json")]) == 0  # fmt: skip
     base = json.loads((tmp_path / "s0.json").read_text())
     base["evaluation"]["collision_rate"], base["training"]["train_collisions_total"] = 0.5, 10
+    base["evaluation"]["offroad_episode_rate"] = 0.1
 
     def variant(name, seed, collision_rate, collisions, **agent):
         record = json.loads(json.dumps(base))
@@ -105,7 +106,7 @@ def test_mean_over_seeds_groups_runs_that_differ_only_in_seed(tiny_run, evaluati
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 + 3 and lines[0].startswith("| preset | CVaR | transitions | seeds |")
     (pair,) = [line for line in lines if "tiny, tiny_s1" in line]
-    assert "| 0, 1 |" in pair and "| 38% |" in pair and pair.endswith("| 15.0 |")
+    assert "| 0, 1 |" in pair and "| 38% | 10% |" in pair and pair.endswith("| 15.0 |")
 
 
 def test_provenance_names_the_cpu_model_and_cache(tmp_path, monkeypatch):

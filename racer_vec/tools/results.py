@@ -140,6 +140,7 @@ FIELDS = (
     ("eval return", lambda r: f"{r['evaluation']['mean_return']:.1f} ± {r['evaluation']['std_return']:.1f}"),
     ("eval speed [m/s]", lambda r: f"{r['evaluation']['mean_ego_speed']:.1f}"),
     ("eval collisions", lambda r: f"{100 * r['evaluation']['collision_rate']:.0f}%"),
+    ("eval offroad", lambda r: f"{100 * r['evaluation']['offroad_episode_rate']:.0f}%"),
     ("eval success", lambda r: f"{100 * r['evaluation']['success_rate']:.0f}%"),
     ("train collisions", lambda r: f"{r['training']['train_collisions_total']:,}"),
     ("transitions/s", lambda r: f"{r['training']['transitions_per_s']:.1f}"),
@@ -174,6 +175,7 @@ MEAN_FIELDS = (
     ("eval return", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_return']):.1f}"),
     ("eval speed [m/s]", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_ego_speed']):.1f}"),
     ("eval collisions", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['collision_rate']):.0f}%"),
+    ("eval offroad", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['offroad_episode_rate']):.0f}%"),
     ("eval success", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['success_rate']):.0f}%"),
     ("train collisions", lambda g: f"{_mean(g, lambda r: r['training']['train_collisions_total']):,.1f}"),
 )
