@@ -137,7 +137,7 @@ def test_tradeoff_joins_one_runs_evaluations_in_step_order():
         return {"run": "a", "env_steps": steps, "cvar_risk": 0.5, "config": {"agent": {}},
                 "evaluation": {"mean_ego_speed": 20.0, "mean_return": 50.0},
                 "training": {"train_collisions_total": collisions},
-                "sessions": [{"started": started}, {"started": "later"}][: 1 + (steps > 120000)]}  # fmt: skip
+                "sessions": [{"started": started}] + ([{"started": "resumed"}] if steps > 120000 else [])}  # fmt: skip
 
     points = plot.tradeoff_points([record(240000, "t0", 46), record(120000, "t0", 23), record(120000, "t1", 29)])
     (path,) = plot.trajectories(points)

@@ -265,12 +265,13 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     import matplotlib.pyplot as plt
 
     points = tradeoff_points(records)
+    paths = trajectories(points)
     risks = sorted({p["cvar_risk"] for p in points})
     colours = {risk: plt.cm.viridis(i / max(len(risks) - 1, 1)) for i, risk in enumerate(risks)}
     markers = {"masked target": "o", "release's target (no mask)": "s"}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
     for ax, key, name in ((axes[0], "speed", "evaluation speed [m/s]"), (axes[1], "return", "evaluation return")):
-        for path in trajectories(points):
+        for path in paths:
             ax.plot([p["collisions"] for p in path], [p[key] for p in path], color=colours[path[0]["cvar_risk"]],
                     lw=1, alpha=0.6, zorder=2)  # fmt: skip
         for p in points:
@@ -292,7 +293,7 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     handles.append(plt.Line2D([], [], ls="", marker="*", markersize=14, color="crimson", label="the release's table"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     fig.suptitle((title or "Speed and return against training collisions: up and left is better")
-                 + ("\nlines join one run's evaluations as it trains on" if trajectories(points) else ""),
+                 + ("\nlines join one run's evaluations as it trains on" if paths else ""),
                  fontsize=12)  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
