@@ -34,8 +34,9 @@ TINY_ARGS = (
     "--keep-checkpoints", "5",
     "--eval-interval", "200",
     "--eval-episodes", "2",
-    # the release's reset schedule, scaled down: resets at 120 and 240 env steps, none from 320 (80%)
-    "--reset-interval", "60",
+    # the release's reset schedule, scaled down: resets at vector steps 100 and 150 (env steps 200, a
+    # checkpoint, and 300); none at 100 (learning starts there) nor from 320 (80% of 400)
+    "--reset-interval", "50",
 )
 
 

@@ -58,7 +58,7 @@ def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
     after = rows[-1]
     assert rows[-2] == before and after["env_steps"] == 500
     assert after["updates"] == before["updates"] + 50  # buffer restored: no refill pause
-    assert after["resets_total"] == before["resets_total"] == 2  # 480 is past 80% of 500: no reset
+    assert after["resets_total"] == before["resets_total"] == 2  # vector step 200: 400 is 80% of 500, no reset
     assert after["episodes_total"] >= before["episodes_total"]
     assert after["wall_time"] > before["wall_time"]
 
@@ -91,23 +91,51 @@ def _adam_counts(run_dir, step):
     return {**counts, "updates": int(agent["updates"])}
 
 
-@pytest.mark.slow
-def test_reset_schedule_reinitializes_and_a_resumed_run_does_not_reset_again(tiny_run, tmp_path):
-    """design §11 at the tiny scale: resets at vector steps 60 and 120 (env steps 120 and 240), none at
-    180 (360 is past 80% of 400). Updates run from 100 env steps, one per vector step."""
-    assert [r["resets_total"] for r in _metrics(tiny_run)] == [0, 1, 2, 2]
-    # at 200: 50 updates, 40 of them since the reset at 120 (2 critic steps each); the temperature's
-    # Adam state was kept
-    assert _adam_counts(tiny_run, 200) == {"actor": 40, "critic": 80, "temperature": 50, "updates": 50}
-    assert _adam_counts(tiny_run, 400) == {"actor": 80, "critic": 160, "temperature": 150, "updates": 150}
+def test_reset_schedule_steps_and_once_per_step():
+    """design §11's schedule as the loop meets it: before each vector step acts (2 envs, updates from
+    100 env steps, reset interval 50 vector steps, 400 env steps)."""
+    from racer_vec.run.training import Counters, reset_due
 
-    # Resumed after the first reset point: only the second reset happens, at the same step.
+    cfg = dataclasses.replace(TrainConfig(), num_envs=2, reset_interval=50, max_steps=400)
+    c, resets = Counters(), []
+    while c.env_steps < cfg.max_steps:
+        if reset_due(cfg, c):
+            resets.append(c.env_steps)
+            c.last_reset_step = c.env_steps
+            assert not reset_due(cfg, c)  # the step retried after a worker fault does not reset again
+        c.updates += c.env_steps >= 100
+        c.env_steps += 2
+    # none at vector step 50 (no update yet) nor at 200 (400 is not below 80% of max_steps)
+    assert resets == [200, 300]
+    # resumed from the checkpoint at a reset step (taken before the reset): the reset comes first
+    assert reset_due(cfg, Counters(env_steps=200, updates=50, last_reset_step=0))
+    assert not reset_due(cfg, Counters(env_steps=202, updates=51, last_reset_step=200))
+    # 80% of max_steps, exactly: no reset at it, one just below it
+    assert not reset_due(dataclasses.replace(cfg, max_steps=500), Counters(env_steps=400, updates=150))
+    assert reset_due(dataclasses.replace(cfg, max_steps=501), Counters(env_steps=400, updates=150))
+    assert not reset_due(dataclasses.replace(cfg, reset_interval=0), Counters(env_steps=200, updates=50))
+
+
+@pytest.mark.slow
+def test_reset_schedule_reinitializes_and_a_resumed_run_resets_exactly_as_the_uninterrupted_one(tiny_run, tmp_path):
+    """design §11 at the tiny scale: resets after the updates of vector steps 100 and 150 (env steps
+    200 and 300), none at 50 (no update yet) nor at 200 (400 is past 80% of 400). Updates run from
+    100 env steps, one per vector step, with two critic steps each."""
+    # a step's log line and checkpoint come before its reset
+    assert [r["resets_total"] for r in _metrics(tiny_run)] == [0, 0, 1, 2]
+    # the checkpoint at 200 holds the agent that learned for 200 steps: 50 updates, none reset yet
+    assert _adam_counts(tiny_run, 200) == {"actor": 50, "critic": 100, "temperature": 50, "updates": 50}
+    # at 400: 50 updates since the reset at 300; the temperature's Adam state was kept throughout
+    assert _adam_counts(tiny_run, 400) == {"actor": 50, "critic": 100, "temperature": 150, "updates": 150}
+
+    # Resumed from the checkpoint at the first reset step: that reset comes first, then the second.
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "400")
     result = run_train("--resume", str(run_dir), "--max-steps", "400", "--wandb-mode", "disabled")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("reset the agent") == 1 and "at 240 env steps" in result.stdout
+    assert result.stdout.count("reset the agent") == 2, result.stdout[-3000:]
+    assert "at 200 env steps" in result.stdout and "at 300 env steps" in result.stdout
     assert _metrics(run_dir)[-1]["resets_total"] == 2
     assert _adam_counts(run_dir, 400) == _adam_counts(tiny_run, 400)
 

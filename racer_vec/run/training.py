@@ -48,6 +48,8 @@ class Counters:
     offroad_terminations_total: int = 0
     resets_total: int = 0
     """Agent re-initializations by the reset schedule (design §11)."""
+    last_reset_step: int = 0
+    """Env step of the latest reset: a checkpoint at a reset step holds the agent before it."""
     worker_restarts_total: int = 0
     """Training vector envs replaced after a worker fault (design §10)."""
     eval_worker_restarts_total: int = 0
@@ -113,6 +115,18 @@ class EpisodeTracker:
 
 def _crossed(before: int, after: int, interval: int) -> bool:
     return interval > 0 and after // interval > before // interval
+
+
+def reset_due(cfg: TrainConfig, c: Counters) -> bool:
+    """The release's schedule (design §11): after the update of every reset_interval-th vector step
+    below 80% of max_steps, once learning has started. Checked before each vector step acts, so the
+    step's evaluation, log line and checkpoint see the agent that learned for it; `last_reset_step`
+    keeps it to once per step when the next step is retried after a worker fault or resumed."""
+    vector_step = c.env_steps // cfg.num_envs
+    return (
+        cfg.reset_interval > 0 and c.updates > 0 and vector_step % cfg.reset_interval == 0
+        and c.env_steps < 0.8 * cfg.max_steps and c.last_reset_step != c.env_steps
+    )  # fmt: skip
 
 
 class Trainer:
@@ -204,6 +218,9 @@ class Trainer:
             obs = self._reset_envs(seed=cfg.seed + c.env_steps)
             tick = time.perf_counter()
             while c.env_steps < cfg.max_steps and not self.interrupted:
+                if reset_due(cfg, c):
+                    self._reset_agent()
+                    tick = self._clock(tick, training=False)
                 try:
                     obs = self.vector_step(obs)
                 except highway.WorkerFault as fault:
@@ -239,13 +256,10 @@ class Trainer:
         return now
 
     def _after_vector_step(self) -> None:
-        """The schedule's work due at this env step: reset, evaluation, log line, checkpoint."""
+        """The schedule's work due at this env step: evaluation, log line, checkpoint (a reset due at
+        this step comes after them, before the next step acts: `reset_due`)."""
         cfg, c = self.cfg, self.counters
         before = c.env_steps - cfg.num_envs
-        if self._reset_due():
-            self.agent = reset_agent(cfg.agent, self.obs_dim, self.agent)
-            c.resets_total += 1
-            self.display.message(f"reset the agent (all but the temperature) at {c.env_steps} env steps")
         if _crossed(before, c.env_steps, cfg.eval_interval):
             self._evaluate()
         if _crossed(before, c.env_steps, cfg.log_interval):
@@ -253,16 +267,12 @@ class Trainer:
         if _crossed(before, c.env_steps, cfg.checkpoint_interval):
             self._checkpoint()
 
-    def _reset_due(self) -> bool:
-        """The release's schedule (design §11): after the update of every reset_interval-th vector step
-        below 80% of max_steps (its loop resets only once it has started learning)."""
-        cfg, c = self.cfg, self.counters
-        vector_step = c.env_steps // cfg.num_envs
-        learned = c.env_steps - cfg.num_envs >= c.learning_starts
-        return (
-            cfg.reset_interval > 0 and learned and vector_step % cfg.reset_interval == 0
-            and c.env_steps < 0.8 * cfg.max_steps
-        )  # fmt: skip
+    def _reset_agent(self) -> None:
+        c = self.counters
+        self.agent = reset_agent(self.cfg.agent, self.obs_dim, self.agent)
+        c.resets_total += 1
+        c.last_reset_step = c.env_steps
+        self.display.message(f"reset the agent (all but the temperature) at {c.env_steps} env steps")
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True
