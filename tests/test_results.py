@@ -24,8 +24,11 @@ def evaluation(tiny_run, tmp_path_factory) -> Path:
 
 def test_collect_and_table(tiny_run, evaluation, tmp_path, capsys):
     output = tmp_path / "results" / "tiny.json"
-    assert results.main(["collect", str(tiny_run), "--evaluation", str(evaluation), "--output", str(output)]) == 0
+    note = "sessions 1-2 on different commits; no number differs between them"
+    args = ["collect", str(tiny_run), "--evaluation", str(evaluation), "--output", str(output), "--notes", note]
+    assert results.main(args) == 0
     record = json.loads(output.read_text())
+    assert record["notes"] == note
     summary = json.loads(evaluation.read_text())["summary"]
     metrics = {m["env_steps"]: m for m in map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines())}
 

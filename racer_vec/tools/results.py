@@ -7,8 +7,9 @@
 A results file keeps what a reader needs to trust and reproduce a number without the run directory
 (checkpoints and buffers are too large to share): the evaluation summary, the resolved config, the
 training totals at the evaluated checkpoint, wall time, transitions/s, for every start or resume
-of the run the source commit and the machine, and the learning curve up to the evaluated step (the
-metrics `racer_vec.plot` draws), so that plots can be redrawn from the results files alone.
+of the run the source commit and the machine (with the collector's `--notes` on them), and the
+learning curve up to the evaluated step (the metrics `racer_vec.plot` draws), so that plots can be
+redrawn from the results files alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Collect:
     """evaluation_metrics.json written by evaluate.py for one of the run's checkpoints."""
     output: Path | None = None
     """Results file; default: results/<run name>_<step>.json."""
+    notes: str | None = None
+    """What a reader needs that the files do not say, kept in the results file: e.g. that a resumed
+    run's sessions ran on different commits, and why their numbers are still one run's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,7 @@ def curve(metrics: dict[int, dict], last_step: int) -> list[dict]:
     ]
 
 
-def collect(run_dir: Path, evaluation_file: Path) -> dict:
+def collect(run_dir: Path, evaluation_file: Path, notes: str | None = None) -> dict:
     config = read_json(run_dir / "config.json", "run config (is this a run directory?)")
     evaluation = read_json(evaluation_file, "evaluation file")
     checkpoint = (evaluation.get("config") or {}).get("checkpoint")
@@ -127,6 +131,7 @@ def collect(run_dir: Path, evaluation_file: Path) -> dict:
             "transitions_per_s": at_step.get("sps"),
         },
         "sessions": sessions,
+        "notes": notes,
         "config": config,
         "curve": curve(metrics, step),
     }
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if isinstance(command, Collect):
-            result = collect(command.run, command.evaluation)
+            result = collect(command.run, command.evaluation, command.notes)
             output = command.output or Path("results") / f"{result['run']}_{result['env_steps']}.json"
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(result, indent=2) + "\n")
