@@ -18,17 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from racer_vec.run.provenance import cpuinfo
+
 RECORDED = Path(__file__).parent / "data" / "recorded_numbers.json"
 CLOCKS = ("sps", "wall_time")
 
 
 def cpu_kind() -> str:
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
+    flags = set(cpuinfo().get("flags", "").split())
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "base"
     return f"{platform.machine()}-{isa}-{os.cpu_count()}cpus"
 
