@@ -224,6 +224,8 @@ RELEASE_ROWS = (
     ("release: CVaR 0.8", 56.0, 25.2, 543),
     ("release: SAC", 54.4, 24.5, 677),
 )
+# label placement (points): CVaR 0.5 sits at the axes' right edge, CVaR 0.8 and SAC close together
+RELEASE_LABEL_OFFSETS = {"release: CVaR 0.5": (-10, -14), "release: CVaR 0.8": (-8, 8), "release: SAC": (8, -14)}
 
 
 def tradeoff_points(records: list[dict]) -> list[dict]:
@@ -233,7 +235,8 @@ def tradeoff_points(records: list[dict]) -> list[dict]:
         try:
             release_target = r["config"]["agent"].get("bootstrap_terminations", False)
             points.append({
-                "label": f"{r['run']} @ {r['env_steps'] / 1000:g}k",
+                "run": f"{r['run']} (CVaR {r['cvar_risk']:g})",
+                "step": step_label(r["env_steps"]),
                 "cvar_risk": r["cvar_risk"],
                 "target": "release's target (no mask)" if release_target else "masked target",
                 "speed": r["evaluation"]["mean_ego_speed"],
@@ -247,6 +250,10 @@ def tradeoff_points(records: list[dict]) -> list[dict]:
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{r.get('run', '?')}: not a results file ({exc} missing)") from None
     return points
+
+
+def step_label(env_steps: int) -> str:
+    return f"{env_steps / 1e6:g}M" if env_steps >= 1_000_000 else f"{env_steps / 1000:g}k"
 
 
 def trajectories(points: list[dict]) -> list[list[dict]]:
@@ -266,32 +273,39 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
 
     points = tradeoff_points(records)
     paths = trajectories(points)
-    risks = sorted({p["cvar_risk"] for p in points})
-    colours = {risk: plt.cm.viridis(i / max(len(risks) - 1, 1)) for i, risk in enumerate(risks)}
+    # one colour per training run, named once in the legend; each point says only its step, so that
+    # points that sit close together stay readable
+    runs = list(dict.fromkeys(p["run_id"] for p in points))
+    colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(runs)}
     markers = {"masked target": "o", "release's target (no mask)": "s"}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
     for ax, key, name in ((axes[0], "speed", "evaluation speed [m/s]"), (axes[1], "return", "evaluation return")):
         for path in paths:
-            ax.plot([p["collisions"] for p in path], [p[key] for p in path], color=colours[path[0]["cvar_risk"]],
-                    lw=1, alpha=0.6, zorder=2)  # fmt: skip
+            ax.plot([p["collisions"] for p in path], [p[key] for p in path], color=colours[path[0]["run_id"]],
+                    lw=1.2, alpha=0.7, zorder=2)  # fmt: skip
         for p in points:
-            ax.scatter(p["collisions"], p[key], color=colours[p["cvar_risk"]], marker=markers[p["target"]],
-                       s=70, edgecolor="black", linewidth=0.5, zorder=3)  # fmt: skip
-            ax.annotate(p["label"], (p["collisions"], p[key]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            colour = colours[p["run_id"]]
+            ax.scatter(p["collisions"], p[key], color=colour, marker=markers[p["target"]], s=70,
+                       edgecolor="black", linewidth=0.5, zorder=3)  # fmt: skip
+            ax.annotate(p["step"], (p["collisions"], p[key]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=8, color=colour)  # fmt: skip
         for label, ret, speed, collisions in RELEASE_ROWS:
             value = speed if key == "speed" else ret
             ax.scatter(collisions, value, marker="*", s=260, color="crimson", edgecolor="black", zorder=4)
-            ax.annotate(f"{label} @ 1.6M", (collisions, value), textcoords="offset points", xytext=(6, -12),
-                        fontsize=8, color="crimson")  # fmt: skip
+            dx, dy = RELEASE_LABEL_OFFSETS[label]
+            ax.annotate(f"{label} @ 1.6M", (collisions, value), textcoords="offset points", xytext=(dx, dy),
+                        ha="left" if dx > 0 else "right", fontsize=8, color="crimson")  # fmt: skip
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("training collisions (total up to the evaluated step)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], ls="", marker=m, color="grey", markeredgecolor="black", label=t)
-               for t, m in markers.items() if any(p["target"] == t for p in points)]  # fmt: skip
-    handles += [plt.Line2D([], [], ls="", marker="o", color=colours[r], label=f"CVaR {r:g}") for r in risks]
+    first = {run: next(p for p in points if p["run_id"] == run) for run in runs}
+    handles = [plt.Line2D([], [], ls="", marker=markers[p["target"]], color=colours[run], markeredgecolor="black",
+                          label=p["run"]) for run, p in first.items()]  # fmt: skip
+    handles += [plt.Line2D([], [], ls="", marker=m, color="white", markeredgecolor="black", label=t)
+                for t, m in markers.items() if any(p["target"] == t for p in points)]  # fmt: skip
     handles.append(plt.Line2D([], [], ls="", marker="*", markersize=14, color="crimson", label="the release's table"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4))
     fig.suptitle((title or "Speed and return against training collisions: up and left is better")
                  + ("\nlines join one run's evaluations as it trains on" if paths else ""),
                  fontsize=12)  # fmt: skip
