@@ -142,7 +142,9 @@ def test_tradeoff_joins_one_runs_evaluations_in_step_order():
     points = plot.tradeoff_points([record(240000, "t0", 46), record(120000, "t0", 23), record(120000, "t1", 29)])
     (path,) = plot.trajectories(points)
     assert [(p["env_steps"], p["collisions"]) for p in path] == [(120000, 23), (240000, 46)]
-    # the legend names each run once; each point says only its step
-    assert {p["run"] for p in points} == {"a (CVaR 0.5)"}
+    # the legend names each run once, with its start where a rerun shares its name; each point says
+    # only its step
+    assert list(plot.run_labels(points).values()) == ["a (CVaR 0.5, started t0)", "a (CVaR 0.5, started t1)"]
+    assert list(plot.run_labels(points[:2]).values()) == ["a (CVaR 0.5)"]
     assert [p["step"] for p in points] == ["240k", "120k", "120k"]
     assert [plot.step_label(n) for n in (800_000, 1_000_000, 1_600_000)] == ["800k", "1M", "1.6M"]

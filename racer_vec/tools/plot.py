@@ -235,7 +235,7 @@ def tradeoff_points(records: list[dict]) -> list[dict]:
         try:
             release_target = r["config"]["agent"].get("bootstrap_terminations", False)
             points.append({
-                "run": f"{r['run']} (CVaR {r['cvar_risk']:g})",
+                "run": r["run"],
                 "step": step_label(r["env_steps"]),
                 "cvar_risk": r["cvar_risk"],
                 "target": "release's target (no mask)" if release_target else "masked target",
@@ -254,6 +254,20 @@ def tradeoff_points(records: list[dict]) -> list[dict]:
 
 def step_label(env_steps: int) -> str:
     return f"{env_steps / 1e6:g}M" if env_steps >= 1_000_000 else f"{env_steps / 1000:g}k"
+
+
+def run_labels(points: list[dict]) -> dict[tuple, str]:
+    """The legend's name of each training run: its name and risk, and its first start where a rerun
+    shares the name."""
+    first = {}
+    for p in points:
+        first.setdefault(p["run_id"], p)
+    names = [p["run"] for p in first.values()]
+    labels = {}
+    for run, p in first.items():
+        rerun = f", started {run[1]}" if names.count(p["run"]) > 1 and run[1] else ""
+        labels[run] = f"{p['run']} (CVaR {p['cvar_risk']:g}{rerun})"
+    return labels
 
 
 def trajectories(points: list[dict]) -> list[list[dict]]:
@@ -275,8 +289,8 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     paths = trajectories(points)
     # one colour per training run, named once in the legend; each point says only its step, so that
     # points that sit close together stay readable
-    runs = list(dict.fromkeys(p["run_id"] for p in points))
-    colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(runs)}
+    labels = run_labels(points)
+    colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(labels)}
     markers = {"masked target": "o", "release's target (no mask)": "s"}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
     for ax, key, name in ((axes[0], "speed", "evaluation speed [m/s]"), (axes[1], "return", "evaluation return")):
@@ -299,9 +313,9 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
         ax.set_xlabel("training collisions (total up to the evaluated step)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    first = {run: next(p for p in points if p["run_id"] == run) for run in runs}
-    handles = [plt.Line2D([], [], ls="", marker=markers[p["target"]], color=colours[run], markeredgecolor="black",
-                          label=p["run"]) for run, p in first.items()]  # fmt: skip
+    targets = {p["run_id"]: p["target"] for p in points}
+    handles = [plt.Line2D([], [], ls="", marker=markers[targets[run]], color=colours[run], markeredgecolor="black",
+                          label=label) for run, label in labels.items()]  # fmt: skip
     handles += [plt.Line2D([], [], ls="", marker=m, color="white", markeredgecolor="black", label=t)
                 for t, m in markers.items() if any(p["target"] == t for p in points)]  # fmt: skip
     handles.append(plt.Line2D([], [], ls="", marker="*", markersize=14, color="crimson", label="the release's table"))
