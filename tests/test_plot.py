@@ -148,3 +148,5 @@ def test_tradeoff_joins_one_runs_evaluations_in_step_order():
     assert list(plot.run_labels(points[:2]).values()) == ["a (CVaR 0.5)"]
     assert [p["step"] for p in points] == ["240k", "120k", "120k"]
     assert [plot.step_label(n) for n in (800_000, 1_000_000, 1_600_000)] == ["800k", "1M", "1.6M"]
+    deterministic = {**record(240000, "t0", 46), "evaluation_settings": {"deterministic": True}}
+    assert plot.tradeoff_points([deterministic])[0]["step"] == "240k (deterministic)"

@@ -236,7 +236,8 @@ def tradeoff_points(records: list[dict]) -> list[dict]:
             release_target = r["config"]["agent"].get("bootstrap_terminations", False)
             points.append({
                 "run": r["run"],
-                "step": step_label(r["env_steps"]),
+                "step": step_label(r["env_steps"])
+                + (" (deterministic)" if (r.get("evaluation_settings") or {}).get("deterministic") else ""),
                 "cvar_risk": r["cvar_risk"],
                 "target": "release's target (no mask)" if release_target else "masked target",
                 "speed": r["evaluation"]["mean_ego_speed"],
