@@ -253,8 +253,8 @@ def tradeoff_points(records: list[dict]) -> list[dict]:
     return points
 
 
-def step_label(env_steps: int) -> str:
-    return f"{env_steps / 1e6:g}M" if env_steps >= 1_000_000 else f"{env_steps / 1000:g}k"
+def step_label(env_steps: float) -> str:
+    return f"{env_steps / 1e6:g}M" if abs(env_steps) >= 1_000_000 else f"{env_steps / 1000:g}k"
 
 
 def run_labels(points: list[dict]) -> dict[tuple, str]:
@@ -341,7 +341,7 @@ def percent_limits(lo: float, hi: float, min_span: float = 10.0, pad: float = 1.
 
 
 def _thousands(x: float, _pos) -> str:
-    return f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}"
+    return step_label(x) if abs(x) >= 1000 else f"{x:g}"
 
 
 def main(argv: list[str] | None = None) -> int:
