@@ -127,3 +127,28 @@ def test_provenance_names_the_cpu_model_and_cache(tmp_path, monkeypatch):
     assert (machine["cpu"], machine["cpu_model"], machine["cpu_cache"]) == (
         "AMD EPYC", "family 25 model 17 stepping 1", "1024 KB")
     assert provenance.cpuinfo(str(tmp_path / "none")) == {}
+
+
+def test_release_rows_sit_under_the_columns_they_belong_to(capsys):
+    assert results.main(["table", "--release"]) == 0
+    header, _, *rows = capsys.readouterr().out.strip().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    table = [dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True)) for row in rows]
+    assert [row["run"] for row in table] == ["release: CVaR 0.5", "release: CVaR 0.8", "release: SAC"]
+    cvar05, cvar08, sac = table
+    assert cvar05["eval return"] == "102.4 ± 35.2" and cvar05["eval speed [m/s]"] == "39.1"
+    assert cvar05["train collisions"] == "2,057" and cvar05["transitions"] == "1600k" and cvar05["CVaR"] == "0.5"
+    assert cvar08["eval return"] == "56.0" and cvar08["train collisions"] == "543" and cvar08["CVaR"] == "0.8"
+    assert sac["CVaR"] == "—" and sac["eval speed [m/s]"] == "24.5" and sac["eval collisions"] == "—"
+
+    assert results.main(["table", "--release", "--mean-over-seeds"]) == 0
+    header, _, first, *_ = capsys.readouterr().out.strip().splitlines()
+    row = dict(zip(header.strip("|").split("|"), first.strip("|").split("|"), strict=True))
+    assert row[" runs "] == " release: CVaR 0.5 " and row[" eval return "] == " 102.4 ± 35.2 "
+    assert row[" seeds "] == " — "
+
+
+def test_table_without_files_or_release_is_one_line_and_exit_2(capsys):
+    code = results.main(["table"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--release" in err

@@ -26,7 +26,7 @@ import numpy as np
 import tyro
 
 from racer_vec.config import ConfigError
-from racer_vec.tools.results import read_json
+from racer_vec.tools.results import RELEASE_ROWS, RELEASE_STEPS, read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,12 +218,6 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
     return output
 
 
-RELEASE_ROWS = (
-    # (label, evaluation return, speed m/s, training collisions) at 1.6M transitions (design §11)
-    ("release: CVaR 0.5", 102.4, 39.1, 2057),
-    ("release: CVaR 0.8", 56.0, 25.2, 543),
-    ("release: SAC", 54.4, 24.5, 677),
-)
 # label placement (points): CVaR 0.5 sits at the axes' right edge, CVaR 0.8 and SAC close together
 RELEASE_LABEL_OFFSETS = {"release: CVaR 0.5": (-10, -14), "release: CVaR 0.8": (-8, 8), "release: SAC": (8, -14)}
 
@@ -304,11 +298,12 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
                        edgecolor="black", linewidth=0.5, zorder=3)  # fmt: skip
             ax.annotate(p["step"], (p["collisions"], p[key]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8, color=colour)  # fmt: skip
-        for label, ret, speed, collisions in RELEASE_ROWS:
-            value = speed if key == "speed" else ret
-            ax.scatter(collisions, value, marker="*", s=260, color="crimson", edgecolor="black", zorder=4)
-            dx, dy = RELEASE_LABEL_OFFSETS[label]
-            ax.annotate(f"{label} @ 1.6M", (collisions, value), textcoords="offset points", xytext=(dx, dy),
+        for row in RELEASE_ROWS:
+            value = row.speed if key == "speed" else row.mean_return
+            ax.scatter(row.train_collisions, value, marker="*", s=260, color="crimson", edgecolor="black", zorder=4)
+            dx, dy = RELEASE_LABEL_OFFSETS[row.label]
+            ax.annotate(f"{row.label} @ {step_label(RELEASE_STEPS)}", (row.train_collisions, value),
+                        textcoords="offset points", xytext=(dx, dy),
                         ha="left" if dx > 0 else "right", fontsize=8, color="crimson")  # fmt: skip
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("training collisions (total up to the evaluated step)")

@@ -3,6 +3,7 @@
     python -m racer_vec.results collect runs/NAME --evaluation runs/NAME/eval/STEP/evaluation_metrics.json
     python -m racer_vec.results table results/*.json
     python -m racer_vec.results table results/*.json --mean-over-seeds
+    python -m racer_vec.results table results/*.json --release
 
 A results file keeps what a reader needs to trust and reproduce a number without the run directory
 (checkpoints and buffers are too large to share): the evaluation summary, the resolved config, the
@@ -48,6 +49,29 @@ class Table:
     mean_over_seeds: bool = False
     """One row per group of runs that differ only in seed (same settings, same evaluated step): the
     mean over its seeds."""
+    release: bool = False
+    """Add the public release's published rows (at 1.6M transitions of highway-fast-v0) below the
+    files' rows; a column it did not publish shows "—"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseRow:
+    """One row of the public release's table, 200k iterations = 1.6M transitions (design §11)."""
+
+    label: str
+    cvar_risk: float | None  # None: plain SAC, no CVaR objective
+    mean_return: float
+    std_return: float | None  # published for CVaR 0.5 only
+    speed: float
+    train_collisions: int
+
+
+RELEASE_ROWS = (
+    ReleaseRow("release: CVaR 0.5", 0.5, 102.4, 35.2, 39.1, 2057),
+    ReleaseRow("release: CVaR 0.8", 0.8, 56.0, None, 25.2, 543),
+    ReleaseRow("release: SAC", None, 54.4, None, 24.5, 677),
+)
+RELEASE_STEPS = 1_600_000
 
 
 def read_json(path: Path, what: str):
@@ -153,10 +177,23 @@ FIELDS = (
 )
 
 
-def table(results: list[dict]) -> str:
+def release_line(row: ReleaseRow, columns: tuple[str, ...]) -> str:
+    """A Markdown row of the release's table under `columns`, "—" where it published nothing."""
+    ret = f"{row.mean_return:.1f}" + ("" if row.std_return is None else f" ± {row.std_return:.1f}")
+    cells = {
+        "run": row.label, "runs": row.label, "preset": "the release", "transitions": f"{RELEASE_STEPS / 1000:g}k",
+        "CVaR": "—" if row.cvar_risk is None else f"{row.cvar_risk:g}", "eval return": ret,
+        "eval speed [m/s]": f"{row.speed:.1f}", "train collisions": f"{row.train_collisions:,}",
+    }  # fmt: skip
+    return "| " + " | ".join(cells.get(name, "—") for name in columns) + " |"
+
+
+def table(results: list[dict], release: bool = False) -> str:
     lines = ["| " + " | ".join(name for name, _ in FIELDS) + " |", "|" + "---|" * len(FIELDS)]
     for r in results:
         lines.append("| " + " | ".join(fmt(r) for _, fmt in FIELDS) + " |")
+    if release:
+        lines += [release_line(row, tuple(name for name, _ in FIELDS)) for row in RELEASE_ROWS]
     return "\n".join(lines)
 
 
@@ -200,10 +237,12 @@ def seed_groups(results: list[dict]) -> list[list[dict]]:
     return [sorted(groups[key], key=lambda r: r["seed"]) for key in sorted(groups)]
 
 
-def mean_table(results: list[dict]) -> str:
+def mean_table(results: list[dict], release: bool = False) -> str:
     lines = ["| " + " | ".join(name for name, _ in MEAN_FIELDS) + " |", "|" + "---|" * len(MEAN_FIELDS)]
     for group in seed_groups(results):
         lines.append("| " + " | ".join(fmt(group) for _, fmt in MEAN_FIELDS) + " |")
+    if release:
+        lines += [release_line(row, tuple(name for name, _ in MEAN_FIELDS)) for row in RELEASE_ROWS]
     return "\n".join(lines)
 
 
@@ -221,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             output.write_text(json.dumps(result, indent=2) + "\n")
             print(f"wrote {output}")
         else:
-            if not command.files:
-                raise ConfigError("give at least one results file")
+            if not command.files and not command.release:
+                raise ConfigError("give at least one results file (or --release for the release's rows alone)")
             records = [read_json(f, "results file") for f in command.files]
-            print(mean_table(records) if command.mean_over_seeds else table(records))
+            make = mean_table if command.mean_over_seeds else table
+            print(make(records, command.release))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
