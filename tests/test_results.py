@@ -129,11 +129,18 @@ def test_provenance_names_the_cpu_model_and_cache(tmp_path, monkeypatch):
     assert provenance.cpuinfo(str(tmp_path / "none")) == {}
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _markdown_rows(out: str) -> list[dict[str, str]]:
+    header, _, *rows = out.strip().splitlines()
+    return [dict(zip(_cells(header), _cells(row), strict=True)) for row in rows]
+
+
 def test_release_rows_sit_under_the_columns_they_belong_to(capsys):
     assert results.main(["table", "--release"]) == 0
-    header, _, *rows = capsys.readouterr().out.strip().splitlines()
-    columns = [c.strip() for c in header.strip("|").split("|")]
-    table = [dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True)) for row in rows]
+    table = _markdown_rows(capsys.readouterr().out)
     assert [row["run"] for row in table] == ["release: CVaR 0.5", "release: CVaR 0.8", "release: SAC"]
     cvar05, cvar08, sac = table
     assert cvar05["eval return"] == "102.4 ± 35.2" and cvar05["eval speed [m/s]"] == "39.1"
@@ -142,10 +149,8 @@ def test_release_rows_sit_under_the_columns_they_belong_to(capsys):
     assert sac["CVaR"] == "—" and sac["eval speed [m/s]"] == "24.5" and sac["eval collisions"] == "—"
 
     assert results.main(["table", "--release", "--mean-over-seeds"]) == 0
-    header, _, first, *_ = capsys.readouterr().out.strip().splitlines()
-    row = dict(zip(header.strip("|").split("|"), first.strip("|").split("|"), strict=True))
-    assert row[" runs "] == " release: CVaR 0.5 " and row[" eval return "] == " 102.4 ± 35.2 "
-    assert row[" seeds "] == " — "
+    first = _markdown_rows(capsys.readouterr().out)[0]
+    assert first["runs"] == "release: CVaR 0.5" and first["eval return"] == "102.4 ± 35.2" and first["seeds"] == "—"
 
 
 def test_table_without_files_or_release_is_one_line_and_exit_2(capsys):
