@@ -161,11 +161,15 @@ def collect(run_dir: Path, evaluation_file: Path, notes: str | None = None) -> d
     }
 
 
+def _kilo(env_steps: int) -> str:
+    return f"{env_steps / 1000:g}k"
+
+
 FIELDS = (
     ("run", lambda r: r["run"]),
     ("CVaR", lambda r: f"{r['cvar_risk']:g}"),
     ("seed", lambda r: str(r["seed"])),
-    ("transitions", lambda r: f"{r['env_steps'] / 1000:g}k"),
+    ("transitions", lambda r: _kilo(r["env_steps"])),
     ("eval return", lambda r: f"{r['evaluation']['mean_return']:.1f} ± {r['evaluation']['std_return']:.1f}"),
     ("eval speed [m/s]", lambda r: f"{r['evaluation']['mean_ego_speed']:.1f}"),
     ("eval collisions", lambda r: f"{100 * r['evaluation']['collision_rate']:.0f}%"),
@@ -177,24 +181,28 @@ FIELDS = (
 )
 
 
-def release_line(row: ReleaseRow, columns: tuple[str, ...]) -> str:
-    """A Markdown row of the release's table under `columns`, "—" where it published nothing."""
+def release_cells(row: ReleaseRow, columns: tuple[str, ...]) -> list[str]:
+    """The release's row under `columns`, "—" where it published nothing."""
     ret = f"{row.mean_return:.1f}" + ("" if row.std_return is None else f" ± {row.std_return:.1f}")
     cells = {
-        "run": row.label, "runs": row.label, "preset": "the release", "transitions": f"{RELEASE_STEPS / 1000:g}k",
+        "run": row.label, "runs": row.label, "preset": "the release", "transitions": _kilo(RELEASE_STEPS),
         "CVaR": "—" if row.cvar_risk is None else f"{row.cvar_risk:g}", "eval return": ret,
         "eval speed [m/s]": f"{row.speed:.1f}", "train collisions": f"{row.train_collisions:,}",
     }  # fmt: skip
-    return "| " + " | ".join(cells.get(name, "—") for name in columns) + " |"
+    return [cells.get(name, "—") for name in columns]
+
+
+def markdown(fields: tuple, items: list, release: bool) -> str:
+    """A Markdown table: one row per item (each field's formatter applied), then the release's rows."""
+    columns = tuple(name for name, _ in fields)
+    rows = [[fmt(item) for _, fmt in fields] for item in items]
+    rows += [release_cells(row, columns) for row in RELEASE_ROWS] if release else []
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])  # fmt: skip
 
 
 def table(results: list[dict], release: bool = False) -> str:
-    lines = ["| " + " | ".join(name for name, _ in FIELDS) + " |", "|" + "---|" * len(FIELDS)]
-    for r in results:
-        lines.append("| " + " | ".join(fmt(r) for _, fmt in FIELDS) + " |")
-    if release:
-        lines += [release_line(row, tuple(name for name, _ in FIELDS)) for row in RELEASE_ROWS]
-    return "\n".join(lines)
+    return markdown(FIELDS, results, release)
 
 
 BOOKKEEPING = {
@@ -211,7 +219,7 @@ def _mean(group: list[dict], get) -> float:
 MEAN_FIELDS = (
     ("preset", lambda g: g[0]["preset"]),
     ("CVaR", lambda g: f"{g[0]['cvar_risk']:g}"),
-    ("transitions", lambda g: f"{g[0]['env_steps'] / 1000:g}k"),
+    ("transitions", lambda g: _kilo(g[0]["env_steps"])),
     ("seeds", lambda g: ", ".join(str(r["seed"]) for r in g)),
     ("runs", lambda g: ", ".join(r["run"] for r in g)),
     ("eval return", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_return']):.1f}"),
@@ -238,12 +246,7 @@ def seed_groups(results: list[dict]) -> list[list[dict]]:
 
 
 def mean_table(results: list[dict], release: bool = False) -> str:
-    lines = ["| " + " | ".join(name for name, _ in MEAN_FIELDS) + " |", "|" + "---|" * len(MEAN_FIELDS)]
-    for group in seed_groups(results):
-        lines.append("| " + " | ".join(fmt(group) for _, fmt in MEAN_FIELDS) + " |")
-    if release:
-        lines += [release_line(row, tuple(name for name, _ in MEAN_FIELDS)) for row in RELEASE_ROWS]
-    return "\n".join(lines)
+    return markdown(MEAN_FIELDS, seed_groups(results), release)
 
 
 def main(argv: list[str] | None = None) -> int:
