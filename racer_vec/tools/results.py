@@ -161,7 +161,7 @@ def collect(run_dir: Path, evaluation_file: Path, notes: str | None = None) -> d
     }
 
 
-def _kilo(env_steps: int) -> str:
+def kilo(env_steps: int) -> str:
     return f"{env_steps / 1000:g}k"
 
 
@@ -169,7 +169,7 @@ FIELDS = (
     ("run", lambda r: r["run"]),
     ("CVaR", lambda r: f"{r['cvar_risk']:g}"),
     ("seed", lambda r: str(r["seed"])),
-    ("transitions", lambda r: _kilo(r["env_steps"])),
+    ("transitions", lambda r: kilo(r["env_steps"])),
     ("eval return", lambda r: f"{r['evaluation']['mean_return']:.1f} ± {r['evaluation']['std_return']:.1f}"),
     ("eval speed [m/s]", lambda r: f"{r['evaluation']['mean_ego_speed']:.1f}"),
     ("eval collisions", lambda r: f"{100 * r['evaluation']['collision_rate']:.0f}%"),
@@ -185,11 +185,16 @@ def release_cells(row: ReleaseRow, columns: tuple[str, ...]) -> list[str]:
     """The release's row under `columns`, "—" where it published nothing."""
     ret = f"{row.mean_return:.1f}" + ("" if row.std_return is None else f" ± {row.std_return:.1f}")
     cells = {
-        "run": row.label, "runs": row.label, "preset": "the release", "transitions": _kilo(RELEASE_STEPS),
+        "run": row.label, "runs": row.label, "preset": "the release", "transitions": kilo(RELEASE_STEPS),
         "CVaR": "—" if row.cvar_risk is None else f"{row.cvar_risk:g}", "eval return": ret,
         "eval speed [m/s]": f"{row.speed:.1f}", "train collisions": f"{row.train_collisions:,}",
     }  # fmt: skip
     return [cells.get(name, "—") for name in columns]
+
+
+def markdown_table(columns: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])  # fmt: skip
 
 
 def markdown(fields: tuple, items: list, release: bool) -> str:
@@ -197,8 +202,7 @@ def markdown(fields: tuple, items: list, release: bool) -> str:
     columns = tuple(name for name, _ in fields)
     rows = [[fmt(item) for _, fmt in fields] for item in items]
     rows += [release_cells(row, columns) for row in RELEASE_ROWS] if release else []
-    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])  # fmt: skip
+    return markdown_table(columns, rows)
 
 
 def table(results: list[dict], release: bool = False) -> str:
@@ -219,7 +223,7 @@ def _mean(group: list[dict], get) -> float:
 MEAN_FIELDS = (
     ("preset", lambda g: g[0]["preset"]),
     ("CVaR", lambda g: f"{g[0]['cvar_risk']:g}"),
-    ("transitions", lambda g: _kilo(g[0]["env_steps"])),
+    ("transitions", lambda g: kilo(g[0]["env_steps"])),
     ("seeds", lambda g: ", ".join(str(r["seed"]) for r in g)),
     ("runs", lambda g: ", ".join(r["run"] for r in g)),
     ("eval return", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_return']):.1f}"),

@@ -64,6 +64,7 @@ import tyro
 import configs
 from racer_vec.run.train_cli import parse_train_args
 from racer_vec.config import ConfigError, TrainConfig, to_dict
+from racer_vec.tools.results import collect, kilo, markdown_table
 
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 SWEEP_FILE = "sweep.json"
@@ -1125,13 +1126,13 @@ def sweep_table(spec: dict, records: list[tuple[dict, dict]], episodes: int) -> 
     keys = [path for path, _ in spec["grid"]]
     header = [_point_label(dict.fromkeys(keys), k) for k in keys] or ["preset"]
     header += ["seeds", "transitions", *(name for name, *_ in COLUMNS)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for point, group in grid_points(spec, records):
         cells = [str(point[k]) for k in keys] or [spec["preset"]]
         steps = sorted({r["env_steps"] for r in group})
-        cells += [", ".join(str(r["seed"]) for r in group), "/".join(f"{s / 1000:g}k" for s in steps)]
+        cells += [", ".join(str(r["seed"]) for r in group), "/".join(kilo(s) for s in steps)]
         cells += [mean_std([get(r) for r in group], digits, unit) for _, get, digits, unit in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     seeds = ", ".join(map(str, spec["seeds"]))
     caption = (
         f"Sweep `{spec['name']}` (preset `{spec['preset']}`, seeds {seeds}): per grid point, mean ± std over its "
@@ -1139,7 +1140,7 @@ def sweep_table(spec: dict, records: list[tuple[dict, dict]], episodes: int) -> 
         f"actions, episode seeds 0-{episodes - 1}); train collisions, transitions/s and wall time are the "
         f"training runs'."
     )
-    return caption + "\n\n" + "\n".join(lines)
+    return caption + "\n\n" + markdown_table(header, rows)
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -1194,7 +1195,6 @@ def _evaluated(path: Path, episodes: int) -> bool:
 def write_report(spec: dict, episodes: int, workers: int) -> int:
     """Evaluate every finished trial's final checkpoint (evaluate.py's code), write its results file,
     then the sweep's table and plot. Returns the exit code."""
-    from racer_vec.tools import results
     from racer_vec.run.eval_cli import EvalArgs, run_evaluation
     from racer_vec.run.evaluation import METRICS_FILE
 
@@ -1217,7 +1217,7 @@ def write_report(spec: dict, episodes: int, workers: int) -> int:
                 stop_multiprocessing_helpers()
             if code != 0:
                 return code
-        record = results.collect(run_dir, evaluation)
+        record = collect(run_dir, evaluation)
         path = sweep_dir / "results" / f"{trial['name']}_{step}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
