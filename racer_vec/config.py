@@ -18,6 +18,8 @@ import tyro
 
 ACTION_DIM = 2
 """highway-env's ContinuousAction: index 0 = acceleration, index 1 = steering."""
+SPEED = 0
+"""Action index 0: the acceleration, or with --env.target-speed-action the target speed (design §3)."""
 STEERING = 1
 
 
@@ -60,6 +62,14 @@ class EnvConfig:
     """Terminate after this many consecutive offroad steps (0 turns the rule off)."""
     offroad_termination_reward: float = 0.0
     """Added to the env reward of a step that ends the episode offroad (without a crash)."""
+    target_speed_action: bool = False
+    """Action index 0 is a target speed on `target_speed_range` rather than an acceleration: the env
+    layer tracks it with a proportional controller (design §3), so a learned limit on it caps the speed."""
+    target_speed_range: tuple[float, float] = (0.0, 40.0)
+    """Target speeds (m/s) that action index 0 spans from -1 to 1 with --env.target-speed-action."""
+    speed_control_gain: float = 1.0
+    """Fraction of the speed error the controller closes in one policy step, in (0, 1]: 1 reaches the
+    target in one step where the acceleration bounds allow; above 1 it would overshoot."""
 
     def highway_config(self) -> dict:
         """The config dict handed to highway-env (it rejects keys it does not know)."""
@@ -176,8 +186,16 @@ class AgentConfig:
     release does (its target omits the termination mask, design §14). Wrong for these episodes;
     there to compare with the release."""
     learned_limit: bool = True
-    """Learn a symmetric limit h in (0, 1] on the steering action (index 1)."""
+    """Learn a limit h in (0, 1] on the action that `limited_action` names."""
+    limited_action: Literal["steering", "speed"] = "steering"
+    """`steering`: a symmetric box [-h, h] on index 1 (the original description's). `speed`: a one-sided
+    cap on the target speed of index 0, as in RACER's own code (design §4.1): the speed may use the
+    fraction h of --env.target-speed-range above its low end; needs --env.target-speed-action."""
+    keep_limit_on_reset: bool = True
+    """The reset schedule (design §11) keeps the learned limit and its optimizer state, like the
+    temperature; --agent.no-keep-limit-on-reset re-initializes it, as the release's reset would."""
     init_limit: float = 0.2
+    """Initial h: the steering half-width, or the speed cap's fraction of the target-speed range."""
     limits_lr: float = 1e-5
     limits_weight_decay: float = 1e-3
     cvar_limits: float | None = None
@@ -384,7 +402,12 @@ def validate(cfg: TrainConfig) -> None:
             f"--env.policy-frequency ({env.policy_frequency}) must not exceed --env.simulation-frequency "
             f"({env.simulation_frequency}): the simulator steps at least once per action"
         )
-    for flag, (lo, hi) in (("--reward.speed-range", reward.speed_range), ("--env.reward-speed-range", env.reward_speed_range)):
+    if not 0.0 < env.speed_control_gain <= 1.0:
+        raise ConfigError(f"--env.speed-control-gain must be in (0, 1], got {env.speed_control_gain}")
+    if agent.learned_limit and agent.limited_action == "speed" and not env.target_speed_action:
+        raise ConfigError("--agent.limited-action speed caps a target speed: it needs --env.target-speed-action")
+    for flag, (lo, hi) in (("--reward.speed-range", reward.speed_range), ("--env.reward-speed-range", env.reward_speed_range),
+                           ("--env.target-speed-range", env.target_speed_range)):
         if not lo < hi:
             raise ConfigError(f"{flag} must be increasing, got {(lo, hi)}")
     if env.normalize_reward and env.high_speed_reward + env.right_lane_reward - env.collision_reward <= 0:

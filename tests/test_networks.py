@@ -31,25 +31,34 @@ def random_obs(rng, n, present_prob=0.6):
     return obs.reshape(n, VEHICLES * 6)
 
 
+@pytest.mark.parametrize("speed_cap", [False, True], ids=["steering", "speed-cap"])
 @pytest.mark.parametrize("limit", [0.2, 0.65, 1.0])
-def test_squashed_log_prob_matches_numerical_change_of_variables(limit):
+def test_squashed_log_prob_matches_numerical_change_of_variables(limit, speed_cap):
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(64, 2)) * 0.8
     log_std = rng.uniform(-1.5, 0.5, (64, 2))
-    scale = np.array([1.0, limit])
-    actions = rng.uniform(-0.97, 0.97, (64, 2)) * scale
-    u = np.arctanh(actions / scale)
+    # the box: steering [-h, h]; a speed cap [-1, 2h - 1] on index 0, centred at h - 1
+    scale = np.array([limit, 1.0]) if speed_cap else np.array([1.0, limit])
+    centre = np.array([limit - 1.0, 0.0]) if speed_cap else np.zeros(2)
+    low, high = networks.action_box(limit, speed_cap)
+    np.testing.assert_allclose(np.asarray(low), centre - scale, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(high), centre + scale, atol=1e-7)
+    actions = centre + rng.uniform(-0.97, 0.97, (64, 2)) * scale
+    u = np.arctanh((actions - centre) / scale)
     std = np.exp(log_std)
     ours = networks.squashed_log_prob(
         jnp.asarray((u - mean) / std, jnp.float32),
         jnp.asarray(u, jnp.float32),
         jnp.asarray(log_std, jnp.float32),
         limit,
+        speed_cap,
     )
-    # density of a = scale * tanh(u): the Gaussian density of u(a) = atanh(a / scale) times the
-    # numerical derivative du/da, per dimension
+    np.testing.assert_allclose(np.asarray(networks.squash(jnp.asarray(u, jnp.float32), limit, speed_cap)), actions,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    # density of a = centre + scale * tanh(u): the Gaussian density of u(a) = atanh((a - centre) / scale)
+    # times the numerical derivative du/da, per dimension
     delta = 1e-6
-    du_da = (np.arctanh((actions + delta) / scale) - np.arctanh((actions - delta) / scale)) / (2 * delta)
+    du_da = (np.arctanh((actions + delta - centre) / scale) - np.arctanh((actions - delta - centre) / scale)) / (2 * delta)
     gaussian = -0.5 * ((u - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
     numeric = np.sum(gaussian + np.log(du_da), axis=-1)
     np.testing.assert_allclose(np.asarray(ours), numeric, rtol=1e-4, atol=1e-3)

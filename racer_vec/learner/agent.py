@@ -4,9 +4,10 @@ iteration is one jitted dispatch.
 Parameterizations (all scalars are float32 arrays inside the agent):
 - temperature alpha = exp(log_alpha), lagrange lambda = exp(log_lambda) >= 0; both losses are
   differentiated w.r.t. the log.
-- steering limit h is stored directly and projected back onto [LIMIT_MIN, 1] after every step
-  (AdamW's weight decay then pulls it towards the conservative side). Without a learned limit it
-  stays at 1, the env's full range.
+- the limit h (the steering half-width, or the speed cap's fraction of the target-speed range) is
+  stored directly and projected back onto [LIMIT_MIN, 1] after every step (AdamW's weight decay then
+  pulls it towards the conservative side, for the cap towards the lowest speed). Without a learned
+  limit it stays at 1, the env's full range.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from racer_vec.config import ACTION_DIM, AgentConfig, ConfigError
 from racer_vec.learner.distributional import categorical_l2_project, cvar
 
 LIMIT_MIN = 1e-3
-"""Lower end of the learned steering limit h, which must stay in (0, 1]."""
+"""Lower end of the learned limit h, which must stay in (0, 1]."""
 METRICS = (
     "critic_loss", "actor_loss", "limit_loss", "temperature_loss", "lagrange_loss", "cross_entropy",
     "entropy_data", "entropy_ood", "entropy_gap", "entropy", "cvar", "q_mean", "temperature", "limit", "lagrange",
@@ -55,12 +56,15 @@ class RacerAgent:
     critic: TrainState  # params: (num_qs, critic_size), one row per ensemble member
     target_critic: jax.Array  # (num_qs, critic_size), Polyak-averaged
     temperature: TrainState  # params: log alpha
-    limit: TrainState  # params: steering limit h
+    limit: TrainState  # params: the limit h
     lagrange: TrainState  # params: log lambda
     key: jax.Array  # uint32[4]: data of the RNG_IMPL key the updates draw from
     updates: jax.Array  # int32: agent updates done
     actor_layout: networks.Layout = flax.struct.field(pytree_node=False)
     critic_layout: networks.Layout = flax.struct.field(pytree_node=False)
+    speed_cap: bool = flax.struct.field(pytree_node=False, default=False)
+    """The limit is a one-sided cap on the target speed (index 0), not a symmetric steering box: the
+    acting functions read it here, so they need no config."""
 
     def actor_params(self) -> networks.Params:
         return self.actor_layout.unravel(self.actor.params)
@@ -116,7 +120,7 @@ def _agent_initializer(cfg: AgentConfig, obs_dim: int):
 def reset_agent(cfg: AgentConfig, obs_dim: int, agent: RacerAgent) -> RacerAgent:
     """The release's reset (design §11): every train state but the temperature re-initialized, with
     fresh optimizer states, from the agent's own key stream (so a resumed run resets identically);
-    the temperature and the update count carry over."""
+    the temperature, the update count and, unless --agent.no-keep-limit-on-reset, the limit carry over."""
     return _agent_resetter(cfg, obs_dim)(agent)
 
 
@@ -125,7 +129,8 @@ def _agent_resetter(cfg: AgentConfig, obs_dim: int):
     def reset(agent: RacerAgent) -> RacerAgent:
         key, k_init = jax.random.split(jax.random.wrap_key_data(agent.key, impl=RNG_IMPL))
         fresh = _init_agent(cfg, obs_dim, jax.random.key_data(k_init))
-        return fresh.replace(temperature=agent.temperature, key=jax.random.key_data(key), updates=agent.updates)
+        fresh = fresh.replace(temperature=agent.temperature, key=jax.random.key_data(key), updates=agent.updates)
+        return fresh.replace(limit=agent.limit) if cfg.keep_limit_on_reset else fresh
 
     return jax.jit(reset, out_shardings=devices.replicated_sharding())
 
@@ -155,6 +160,7 @@ def _init_agent(cfg: AgentConfig, obs_dim: int, key_data) -> RacerAgent:
         updates=jnp.zeros((), jnp.int32),
         actor_layout=actor_layout,
         critic_layout=critic_layout,
+        speed_cap=cfg.learned_limit and cfg.limited_action == "speed",
     )
 
 
@@ -168,14 +174,23 @@ def sample_actions(agent: RacerAgent, observations, key) -> jax.Array:
     """Stochastic actions (N, 2) within the learned limit, for observations (N, obs_dim)."""
     mean, log_std = networks.actor_apply(agent.actor_params(), observations)
     noise = jax.random.normal(key, mean.shape, mean.dtype)
-    return networks.sample_policy(mean, log_std, agent.limit.params, noise)[0]
+    return networks.sample_policy(mean, log_std, agent.limit.params, noise, agent.speed_cap)[0]
 
 
 @jax.jit
 def deterministic_actions(agent: RacerAgent, observations) -> jax.Array:
     """Evaluation actions: tanh(mean) mapped onto the limited range."""
     mean, _ = networks.actor_apply(agent.actor_params(), observations)
-    return networks.squash(mean, agent.limit.params)
+    return networks.squash(mean, agent.limit.params, agent.speed_cap)
+
+
+@jax.jit
+def release_actions(agent: RacerAgent, observations) -> jax.Array:
+    """The release's evaluation actions: the Gaussian's mean clipped to the action box, no tanh
+    (design §11); a learned limit still bounds them."""
+    mean, _ = networks.actor_apply(agent.actor_params(), observations)
+    low, high = networks.action_box(agent.limit.params, agent.speed_cap)
+    return jnp.clip(mean, low, high)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +272,9 @@ def critic_steps(setup: Setup, agent: RacerAgent, batches, noise, alpha, lagrang
     mean, log_std = networks.actor_apply(
         agent.actor_params(), jnp.stack([batches.next_observations, batches.observations])
     )
-    next_actions, next_log_probs, _ = networks.sample_policy(mean[0], log_std[0], agent.limit.params, noise[0])
+    next_actions, next_log_probs, _ = networks.sample_policy(
+        mean[0], log_std[0], agent.limit.params, noise[0], agent.speed_cap
+    )
     ood_actions = mean[1] + jnp.exp(log_std[1]) * noise[1]  # the unsquashed Gaussian
     (critic, target_critic), info = jax.lax.scan(
         functools.partial(critic_step, setup, agent.critic_layout, alpha, lagrange),
@@ -279,7 +296,7 @@ def policy_step(setup: Setup, agent: RacerAgent, critic_params, obs, noise, alph
 
     def policy(actor_params, limit):
         mean, log_std = networks.actor_apply(actor_params, obs)
-        actions, log_probs, _ = networks.sample_policy(mean, log_std, limit, noise)
+        actions, log_probs, _ = networks.sample_policy(mean, log_std, limit, noise, agent.speed_cap)
         mixture = jnp.mean(jax.nn.softmax(ensemble(agent.critic_layout, critic_params, obs, actions)), axis=0)
         return log_probs, mixture
 
@@ -302,6 +319,12 @@ def policy_step(setup: Setup, agent: RacerAgent, critic_params, obs, noise, alph
                 functools.partial(objective, cfg.cvar_limits), argnums=(0, 1), has_aux=True
             )(log_probs, mixture)
             limit_grad = policy_vjp(cotangent)[1]
+        if agent.speed_cap:
+            # A speed cap answers to the critic's CVaR alone (design §4.6): the entropy bonus of a
+            # wider box, alpha * d(mean log pi)/dh = -alpha / h (log pi holds -log h, nothing else of
+            # h), would raise the cap by itself. Taken out exactly, without a second backward pass.
+            limit_loss = limit_loss - alpha * jnp.mean(log_probs)
+            limit_grad = limit_grad + alpha / agent.limit.params
         limit = apply_step(opt.limit, limit, shards.pmean(limit_grad))
         limit = limit.replace(params=jnp.clip(limit.params, LIMIT_MIN, 1.0))
     info = {"actor_loss": actor_loss, "limit_loss": limit_loss, "log_probs": log_probs, "cvars": cvars,
@@ -421,6 +444,7 @@ class Learner:
     iteration: Callable[[RacerAgent, replay.ReplayBuffer], tuple[RacerAgent, dict]]
     sample_actions: Callable[[RacerAgent, Any, jax.Array], jax.Array]
     deterministic_actions: Callable[[RacerAgent, Any], jax.Array]
+    release_actions: Callable[[RacerAgent, Any], jax.Array]
     num_devices: int
 
 
@@ -455,5 +479,6 @@ def make_learner(cfg: AgentConfig, *, batch_size: int, utd_ratio: int, updates_p
         iteration=jax.jit(train_iteration, donate_argnums=0),
         sample_actions=sample_actions,
         deterministic_actions=deterministic_actions,
+        release_actions=release_actions,
         num_devices=num_devices,
     )

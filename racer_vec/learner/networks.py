@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from racer_vec.config import ACTION_DIM, STEERING, AgentConfig
+from racer_vec.config import ACTION_DIM, SPEED, STEERING, AgentConfig
 
 VEHICLE_FEATURES = 6
 """One Kinematics row: presence, x, y, vx, vy, heading."""
@@ -212,31 +212,45 @@ def actor_apply(params: Params, obs):
     return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
 
 
-def action_scale(limit):
-    """Half-widths of the symmetric action box: 1 for acceleration, the limit h for steering."""
-    return jnp.ones((ACTION_DIM,), jnp.float32).at[STEERING].set(limit)
+def action_scale(limit, speed_cap: bool = False):
+    """Half-widths of the action box: the limit h on the limited action (steering, or the target speed
+    under a speed cap), 1 on the other."""
+    return jnp.ones((ACTION_DIM,), jnp.float32).at[SPEED if speed_cap else STEERING].set(limit)
 
 
-def squash(u, limit):
-    """a = scale * tanh(u): the env's [-1, 1] box intersected with the learned limit [-h, h]."""
-    return action_scale(limit) * jnp.tanh(u)
+def _cap_centre(limit):
+    # a speed cap keeps the env's low end: its box [-1, 2h - 1] is centred at h - 1 (design §4.1)
+    return jnp.zeros((ACTION_DIM,), jnp.float32).at[SPEED].set(limit - 1.0)
 
 
-def squashed_log_prob(noise, u, log_std, limit):
-    """log pi(a) for a = scale * tanh(u), u = mean + exp(log_std) * noise, summed over action dims.
+def action_box(limit, speed_cap: bool = False):
+    """(low, high) of the action box: steering in [-h, h], or the target speed in [-1, 2h - 1]."""
+    scale = action_scale(limit, speed_cap)
+    centre = _cap_centre(limit) if speed_cap else 0.0
+    return centre - scale, centre + scale
 
-    Change of variables: log N(u) - sum log(1 - tanh(u)^2) - sum log(scale); the standardized
-    noise is passed in so the Gaussian term needs no division by a tiny std.
+
+def squash(u, limit, speed_cap: bool = False):
+    """a = centre + scale * tanh(u): the env's [-1, 1] box intersected with the learned limit's."""
+    actions = action_scale(limit, speed_cap) * jnp.tanh(u)
+    return actions + _cap_centre(limit) if speed_cap else actions
+
+
+def squashed_log_prob(noise, u, log_std, limit, speed_cap: bool = False):
+    """log pi(a) for a = centre + scale * tanh(u), u = mean + exp(log_std) * noise, summed over action dims.
+
+    Change of variables: log N(u) - sum log(1 - tanh(u)^2) - sum log(scale) (the centre shifts without
+    stretching); the standardized noise is passed in so the Gaussian term needs no division by a tiny std.
     """
     gaussian = -0.5 * jnp.square(noise) - log_std - 0.5 * math.log(2.0 * math.pi)
     log_tanh_jacobian = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
-    return jnp.sum(gaussian - log_tanh_jacobian - jnp.log(action_scale(limit)), axis=-1)
+    return jnp.sum(gaussian - log_tanh_jacobian - jnp.log(action_scale(limit, speed_cap)), axis=-1)
 
 
-def sample_policy(mean, log_std, limit, noise):
+def sample_policy(mean, log_std, limit, noise, speed_cap: bool = False):
     """Reparameterized squashed sample: returns (actions, log_probs, pre-squash u)."""
     u = mean + jnp.exp(log_std) * noise
-    return squash(u, limit), squashed_log_prob(noise, u, log_std, limit), u
+    return squash(u, limit, speed_cap), squashed_log_prob(noise, u, log_std, limit, speed_cap), u
 
 
 # ---------------------------------------------------------------------------------------------

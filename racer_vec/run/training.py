@@ -272,7 +272,9 @@ class Trainer:
         self.agent = reset_agent(self.cfg.agent, self.obs_dim, self.agent)
         c.resets_total += 1
         c.last_reset_step = c.env_steps
-        self.display.message(f"reset the agent (all but the temperature) at {c.env_steps} env steps")
+        a = self.cfg.agent
+        kept = "the temperature and the limit" if a.learned_limit and a.keep_limit_on_reset else "the temperature"
+        self.display.message(f"reset the agent (all but {kept}) at {c.env_steps} env steps")
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted = True

@@ -19,6 +19,7 @@ Info keys of every step and reset (`STEP_KEYS` plus `rewards`), per worker:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -97,16 +98,62 @@ def _check_keys(config: dict, known: Container[str], where: str) -> None:
             raise ConfigError(f"unknown highway-env config key '{where}{key}'")
 
 
-class HighwayLayer(gym.Wrapper):
-    """Flat clipped observation, enriched info and the env layer's offroad rules (design §3)."""
+@dataclasses.dataclass(frozen=True)
+class SpeedControl:
+    """Action index 0 as a target speed, tracked by a proportional controller (design §3).
 
-    def __init__(self, env: gym.Env, max_offroad_steps: int, offroad_termination_reward: float):
+    Once per policy step, on the simulator's own speed v: acceleration `gain * (v* - v) / T` over the
+    step's duration T (highway-env holds an action for the whole step), clipped to the action type's
+    acceleration range. With gain <= 1 the speed moves at most to the target, never past it, and the
+    same arithmetic runs on the stock and the fast simulator.
+    """
+
+    low: float
+    high: float
+    gain: float
+    step_s: float
+    """Seconds per policy step: simulation frames per action / simulation frequency."""
+    acceleration_range: tuple[float, float]
+
+    @classmethod
+    def of(cls, env_cfg: EnvConfig, env: gym.Env) -> SpeedControl | None:
+        if not env_cfg.target_speed_action:
+            return None
+        frames = env_cfg.simulation_frequency // env_cfg.policy_frequency
+        low, high = env_cfg.target_speed_range
+        accel = tuple(float(a) for a in env.unwrapped.action_type.acceleration_range)
+        return cls(low, high, env_cfg.speed_control_gain, frames / env_cfg.simulation_frequency, accel)
+
+    def target_speed(self, action0) -> float:
+        return self.low + (float(np.clip(action0, -1.0, 1.0)) + 1.0) / 2.0 * (self.high - self.low)
+
+    def __call__(self, action: np.ndarray, speed: float) -> np.ndarray:
+        """The ContinuousAction that tracks `action[0]`'s target speed from `speed`."""
+        acceleration = self.gain * (self.target_speed(action[0]) - speed) / self.step_s
+        lo, hi = self.acceleration_range
+        command = np.array(action, dtype=np.float64)
+        command[0] = np.clip(2.0 * (acceleration - lo) / (hi - lo) - 1.0, -1.0, 1.0)
+        return command
+
+
+class HighwayLayer(gym.Wrapper):
+    """Flat clipped observation, enriched info, the env layer's offroad rules and, with
+    --env.target-speed-action, the speed controller (design §3)."""
+
+    def __init__(
+        self,
+        env: gym.Env,
+        max_offroad_steps: int,
+        offroad_termination_reward: float,
+        speed_control: SpeedControl | None = None,
+    ):
         super().__init__(env)
         self.observation_space = gym.spaces.Box(
             -OBS_CLIP, OBS_CLIP, shape=(math.prod(env.observation_space.shape),), dtype=np.float32
         )
         self.max_offroad_steps = max_offroad_steps
         self.offroad_termination_reward = offroad_termination_reward
+        self.speed_control = speed_control
         self.offroad_steps = 0
 
     def _observation(self, obs: np.ndarray) -> np.ndarray:
@@ -138,6 +185,8 @@ class HighwayLayer(gym.Wrapper):
         return self._observation(obs), self._info(info)
 
     def step(self, action):
+        if self.speed_control is not None:
+            action = self.speed_control(action, self.env.unwrapped.vehicle.speed)
         obs, reward, terminated, truncated, info = self.env.step(action)
         info = self._info(info)
         self.offroad_steps = self.offroad_steps + 1 if info["offroad"] else 0
@@ -251,9 +300,10 @@ def make_env(
     except ConfigError:
         env.close()
         raise
-    env = TagErrors(
-        HighwayLayer(env, env_cfg.max_offroad_steps, env_cfg.offroad_termination_reward), env_index
+    layer = HighwayLayer(
+        env, env_cfg.max_offroad_steps, env_cfg.offroad_termination_reward, SpeedControl.of(env_cfg, env)
     )
+    env = TagErrors(layer, env_index)
     if seed is not None:
         env.reset(seed=seed)
         env.action_space.seed(seed)
