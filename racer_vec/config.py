@@ -8,6 +8,7 @@ so ``config.json`` always holds concrete values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ ACTION_DIM = 2
 SPEED = 0
 """Action index 0: the acceleration, or with --env.target-speed-action the target speed (design §3)."""
 STEERING = 1
+
+
+KINEMATICS_FEATURES = ("presence", "x", "y", "vx", "vy", "heading")
+"""One row of the Kinematics observation (design §3): row 0 the ego, one row per observed vehicle."""
 
 
 class ConfigError(ValueError):
@@ -71,13 +76,18 @@ class EnvConfig:
     """Fraction of the speed error the controller closes in one policy step, in (0, 1]: 1 reaches the
     target in one step where the acceleration bounds allow; above 1 it would overshoot."""
 
+    @property
+    def obs_dim(self) -> int:
+        """The env layer's flat observation: one Kinematics row per observed vehicle, the ego's included."""
+        return self.observed_vehicles * len(KINEMATICS_FEATURES)
+
     def highway_config(self) -> dict:
         """The config dict handed to highway-env (it rejects keys it does not know)."""
         return {
             "observation": {
                 "type": "Kinematics",
                 "vehicles_count": self.observed_vehicles,
-                "features": ["presence", "x", "y", "vx", "vy", "heading"],
+                "features": list(KINEMATICS_FEATURES),
                 "normalize": False,
                 "absolute": False,
             },
@@ -322,58 +332,37 @@ def _check_bounds(bounds: dict[str, tuple[object, str]]) -> None:
             raise ConfigError(f"{flag} must be {'positive' if rule == '> 0' else '>= 0'}, got {value}")
 
 
-def validate(cfg: TrainConfig) -> None:
-    check_finite(cfg)
-    env, reward, agent = cfg.env, cfg.reward, cfg.agent
-    positive = {
-        "--num-envs": cfg.num_envs,
-        "--max-steps": cfg.max_steps,
-        "--batch-size": cfg.batch_size,
-        "--utd-ratio": cfg.utd_ratio,
-        "--buffer-size": cfg.buffer_size,
-        "--updates-per-iteration": cfg.updates_per_iteration,
-        "--log-interval": cfg.log_interval,
-        "--checkpoint-interval": cfg.checkpoint_interval,
-        "--keep-checkpoints": cfg.keep_checkpoints,
-        "--eval-episodes": cfg.eval_episodes,
-        "--agent.num-qs": agent.num_qs,
-        "--agent.num-atoms": agent.num_atoms,
-        "--agent.pointnet-dim": agent.pointnet_dim,
-        # log 0: the run would stop as non-finite after its warm-up
-        "--agent.init-temperature": agent.init_temperature,
-        "--agent.q-entropy-lagrange-init": agent.q_entropy_lagrange_init,
-        "--env.observed-vehicles": env.observed_vehicles,
-        "--env.vehicles-count": env.vehicles_count,
-        "--env.lanes-count": env.lanes_count,
-        "--env.vehicles-density": env.vehicles_density,
-        "--env.ego-spacing": env.ego_spacing,
-        "--env.duration": env.duration,
-        "--env.simulation-frequency": env.simulation_frequency,
-        "--env.policy-frequency": env.policy_frequency,
-        "--reward.critical-ttc": reward.critical_ttc,
-        "--reward.proximity": reward.proximity,
-        "--reward.cone-half-angle": reward.cone_half_angle,
-    }
-    non_negative = {
-        "--start-training": cfg.start_training,
-        "--eval-interval": cfg.eval_interval,
-        "--reset-interval": cfg.reset_interval,
-        "--max-worker-restarts": cfg.max_worker_restarts,
-        # numpy and highway-env take seeds >= 0 only
-        "--seed": cfg.seed,
-        "--eval-seed": cfg.eval_seed,
-        "--env.max-offroad-steps": env.max_offroad_steps,
-        "--reward.safety-coeff": reward.safety_coeff,
-        # a zero learning rate or weight decay is a valid ablation (that part stays frozen)
-        "--agent.actor-lr": agent.actor_lr,
-        "--agent.critic-lr": agent.critic_lr,
-        "--agent.temp-lr": agent.temp_lr,
-        "--agent.limits-lr": agent.limits_lr,
-        "--agent.q-entropy-lagrange-lr": agent.q_entropy_lagrange_lr,
-        "--agent.critic-weight-decay": agent.critic_weight_decay,
-        "--agent.limits-weight-decay": agent.limits_weight_decay,
-    }
-    _check_bounds({**{k: (v, "> 0") for k, v in positive.items()}, **{k: (v, ">= 0") for k, v in non_negative.items()}})
+# The sign rules, as field paths (the message names flag_name(path)), checked in this order: the
+# first failing field is the one reported.
+_POSITIVE = (
+    "num_envs", "max_steps", "batch_size", "utd_ratio", "buffer_size", "updates_per_iteration", "log_interval",
+    "checkpoint_interval", "keep_checkpoints", "eval_episodes",
+    "agent.num_qs", "agent.num_atoms", "agent.pointnet_dim",
+    # log 0: the run would stop as non-finite after its warm-up
+    "agent.init_temperature", "agent.q_entropy_lagrange_init",
+    "env.observed_vehicles", "env.vehicles_count", "env.lanes_count", "env.vehicles_density", "env.ego_spacing",
+    "env.duration", "env.simulation_frequency", "env.policy_frequency",
+    "reward.critical_ttc", "reward.proximity", "reward.cone_half_angle",
+)  # fmt: skip
+_NON_NEGATIVE = (
+    "start_training", "eval_interval", "reset_interval", "max_worker_restarts",
+    # numpy and highway-env take seeds >= 0 only
+    "seed", "eval_seed",
+    "env.max_offroad_steps", "reward.safety_coeff",
+    # a zero learning rate or weight decay is a valid ablation (that part stays frozen)
+    "agent.actor_lr", "agent.critic_lr", "agent.temp_lr", "agent.limits_lr", "agent.q_entropy_lagrange_lr",
+    "agent.critic_weight_decay", "agent.limits_weight_decay",
+)  # fmt: skip
+
+
+def _check_signs(cfg: TrainConfig) -> None:
+    value = lambda path: functools.reduce(getattr, path.split("."), cfg)  # noqa: E731
+    bounds = {flag_name(path): (value(path), "> 0") for path in _POSITIVE}
+    bounds.update({flag_name(path): (value(path), ">= 0") for path in _NON_NEGATIVE})
+    _check_bounds(bounds)
+
+
+def _validate_agent(agent: AgentConfig) -> None:
     if any(h <= 0 for h in agent.hidden_dims) or not agent.hidden_dims:
         raise ConfigError(f"--agent.hidden-dims must be positive sizes, got {agent.hidden_dims}")
     if agent.num_atoms < 2:
@@ -389,6 +378,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--agent.discount must be in [0, 1], got {agent.discount}")
     if not 0.0 < agent.tau <= 1.0:
         raise ConfigError(f"--agent.tau must be in (0, 1], got {agent.tau}")
+
+
+def _validate_run(cfg: TrainConfig) -> None:
     collected = max(cfg.start_training, cfg.num_envs)
     if cfg.batch_size > collected:
         raise ConfigError(
@@ -397,6 +389,9 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.buffer_size < cfg.num_envs:
         raise ConfigError(f"--buffer-size ({cfg.buffer_size}) must hold at least --num-envs transitions")
+
+
+def _validate_env(env: EnvConfig) -> None:
     if env.policy_frequency > env.simulation_frequency:
         raise ConfigError(
             f"--env.policy-frequency ({env.policy_frequency}) must not exceed --env.simulation-frequency "
@@ -404,12 +399,21 @@ def validate(cfg: TrainConfig) -> None:
         )
     if not 0.0 < env.speed_control_gain <= 1.0:
         raise ConfigError(f"--env.speed-control-gain must be in (0, 1], got {env.speed_control_gain}")
-    if agent.learned_limit and agent.limited_action == "speed" and not env.target_speed_action:
+
+
+def _validate_across_sections(cfg: TrainConfig) -> None:
+    """The agent's speed cap needs the env's target speed; every (low, high) range, in any section."""
+    env, reward = cfg.env, cfg.reward
+    if cfg.agent.learned_limit and cfg.agent.limited_action == "speed" and not env.target_speed_action:
         raise ConfigError("--agent.limited-action speed caps a target speed: it needs --env.target-speed-action")
     for flag, (lo, hi) in (("--reward.speed-range", reward.speed_range), ("--env.reward-speed-range", env.reward_speed_range),
                            ("--env.target-speed-range", env.target_speed_range)):
         if not lo < hi:
             raise ConfigError(f"{flag} must be increasing, got {(lo, hi)}")
+
+
+def _validate_reward(env: EnvConfig, reward: RewardConfig) -> None:
+    """The training reward: the env section's reward weights and the reward section."""
     if env.normalize_reward and env.high_speed_reward + env.right_lane_reward - env.collision_reward <= 0:
         raise ConfigError(
             "--env.normalize-reward maps [--env.collision-reward, --env.high-speed-reward + --env.right-lane-reward] "
@@ -419,3 +423,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--reward.critical-ttc must be below --reward.warning-ttc")
     if reward.cone_half_angle > math.pi:
         raise ConfigError(f"--reward.cone-half-angle must be at most pi, got {reward.cone_half_angle}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raises ConfigError naming the flag of the first failing check, in this order."""
+    check_finite(cfg)
+    _check_signs(cfg)
+    _validate_agent(cfg.agent)
+    _validate_run(cfg)
+    _validate_env(cfg.env)
+    _validate_across_sections(cfg)
+    _validate_reward(cfg.env, cfg.reward)

@@ -16,7 +16,9 @@ import pytest
 
 import configs
 from racer_vec.config import RewardParams
-from racer_vec.run.evaluation import EpisodeAccumulator, EpisodeRecord, Evaluator, format_summary, summarize
+from racer_vec.run.evaluation import (
+    EpisodeAccumulator, EpisodeRecord, Evaluator, format_summary, release_reward, summarize,
+)  # fmt: skip
 from racer_vec.sim.video import PANEL_HEIGHT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +42,14 @@ def episodes_of(output_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------ metrics
 
 
-def step_values(offroad, nearest, forward_speed, crashed=(False, False)):
+def step_values(offroad, nearest, forward_speed, crashed=(False, False), on_road=(True, True), offroad_end=(False, False)):
     return {
         "offroad": np.array(offroad),
         "nearest_distance": np.array(nearest, dtype=float),
         "forward_speed": np.array(forward_speed, dtype=float),
         "crashed": np.array(crashed),
+        "on_road": np.array(on_road),
+        "offroad_terminated": np.array(offroad_end),
     }
 
 
@@ -57,9 +61,11 @@ def test_accumulated_episode_metrics():
         ((0.5, 0.0), (0.4, 0.1), (-0.4, -0.5), (False, False), (math.inf, math.inf), (22.0, 10.0)),
         ((0.25, 0.0), (0.2, 0.1), (0.0, -0.5), (True, False), (7.0, math.inf), (24.0, 10.0)),
     ]
-    for env_r, train_r, risk, offroad, nearest, speed in steps:
+    for t, (env_r, train_r, risk, offroad, nearest, speed) in enumerate(steps):
         rewards = {"training_reward": np.array(train_r), "collision_risk": np.array(risk)}
-        acc.add(np.array(env_r), step_values(offroad, nearest, speed), rewards)
+        obs_before = np.zeros((2, 12))
+        obs_before[:, 3:5] = [[3.0 * (t + 1), 4.0 * (t + 1)], [0.0, -2.0]]  # the ego row's vx, vy
+        acc.add(np.array(env_r), step_values(offroad, nearest, speed), rewards, np.array(env_r) - 5.0 * t, obs_before)
 
     first = acc.record(0, episode=3, seed=13, crashed=False, offroad_terminated=True)
     assert first.length == 3 and (first.episode, first.seed) == (3, 13)
@@ -70,6 +76,8 @@ def test_accumulated_episode_metrics():
     # the step without a vehicle is skipped, not counted as 0 or inf
     assert first.min_distance == pytest.approx(6.0)
     assert first.ego_speed == pytest.approx(22.0)
+    assert first.release_return == pytest.approx(1.75 - 5.0 * (0 + 1 + 2))
+    assert first.release_speed == pytest.approx(10.0)  # |(3, 4)|, |(6, 8)|, |(9, 12)|: 5, 10, 15
 
     second = acc.record(1, episode=4, seed=14, crashed=True, offroad_terminated=False)
     assert second.safety_violation_rate == 0.0  # -0.5 is not below the threshold
@@ -81,7 +89,17 @@ def test_accumulated_episode_metrics():
 
 
 def record(k, ret, length, crashed=False, offroad=False, violations=0.0, distance=None, speed=20.0):
-    return EpisodeRecord(k, k, ret, ret - 1.0, length, crashed, offroad, violations, distance, speed)
+    return EpisodeRecord(k, k, ret, ret - 1.0, length, crashed, offroad, violations, distance, speed,
+                         release_return=2 * ret, release_speed=speed + 1.0)  # fmt: skip
+
+
+def test_the_release_reward_swaps_our_offroad_term_for_its_minus_5_per_step_off_the_road():
+    values = step_values((True, True, False), (1.0,) * 3, (0.0,) * 3, crashed=(False,) * 3,
+                         on_road=(False, True, True), offroad_end=(True, True, False))  # fmt: skip
+    got = release_reward(np.array([-2.0, 0.3, 0.7]), values, offroad_termination_reward=-2.0)
+    # off the road at its termination: our -2 out, the release's -5 in; offroad by our lane rule but on
+    # highway-env's road: our -2 out, nothing in; on the road: unchanged
+    np.testing.assert_allclose(got, [-5.0, 2.3, 0.7])
 
 
 def test_summary_of_known_episodes():
@@ -104,7 +122,14 @@ def test_summary_of_known_episodes():
     assert s["mean_training_return"] == pytest.approx(2.0)
     assert set(episodes[0].to_json()) >= {
         "seed", "return", "training_return", "length", "crashed", "offroad_terminated",
-        "safety_violation_rate", "min_distance", "ego_speed",
+        "safety_violation_rate", "min_distance", "ego_speed", "release_return", "release_speed",
+    }
+    # the release's measures replace return and speed; crashes are counted the same
+    r = summarize(episodes, release=True)
+    assert r["mean_return"] == pytest.approx(6.0) and r["std_return"] == pytest.approx(2 * math.sqrt(3.5))
+    assert r["mean_ego_speed"] == pytest.approx(26.0)
+    assert {k: v for k, v in r.items() if k not in ("mean_return", "std_return", "mean_ego_speed")} == {
+        k: v for k, v in s.items() if k not in ("mean_return", "std_return", "mean_ego_speed")
     }
 
 
@@ -236,6 +261,30 @@ def test_checkpoint_end_to_end(tiny_run, tmp_path, capsys):
     assert code == 0
     report = json.loads((tmp_path / "c" / "evaluation_metrics.json").read_text())
     assert report["config"]["checkpoint"]["step"] == 200 and report["config"]["evaluation"]["deterministic"]
+
+
+def test_the_release_protocol_clips_the_mean_counts_its_way_and_runs_on_another_env(tiny_run, tmp_path, capsys):
+    """design §11: the release's action rule and measures, 10 episodes by default; and the agent on another
+    preset's env (the PointNet agent of 8 observed vehicles on racer_highway's 15)."""
+    code, out, _ = run_cli(capsys, "--checkpoint", tiny_run, "--protocol", "release", "--duration", 2, "--no-render",
+                           "--output-dir", tmp_path / "release")  # fmt: skip
+    assert code == 0 and "Protocol: release, actions clip(mean), highway_env:highway-fast-v0" in out
+    report = json.loads((tmp_path / "release" / "evaluation_metrics.json").read_text())
+    summary, episodes = report["summary"], report["episodes"]
+    assert summary["num_episodes"] == 10 == report["config"]["evaluation"]["num_episodes"]
+    assert (summary["protocol"], summary["action_rule"]) == ("release", "clip(mean)")
+    assert summary["mean_return"] == pytest.approx(np.mean([e["release_return"] for e in episodes]))
+    assert summary["mean_ego_speed"] == pytest.approx(np.mean([e["release_speed"] for e in episodes]))
+    assert summary["collision_rate"] == np.mean([e["crashed"] for e in episodes])
+
+    code, _, _ = run_cli(capsys, "--checkpoint", tiny_run, "--preset", "racer_highway", "--duration", 1,
+                         "--num-episodes", 2, "--no-render")  # fmt: skip
+    assert code == 0
+    report = json.loads((tiny_run / "eval" / "400_on_racer_highway" / "evaluation_metrics.json").read_text())
+    assert report["summary"]["env_id"] == "highway_env:highway-v0" and report["summary"]["action_rule"] == "sampled"
+
+    code, _, err = run_cli(capsys, "--checkpoint", tiny_run, "--protocol", "release", "--deterministic")
+    assert code == 2 and "--deterministic" in err
 
 
 def test_incompatible_checkpoint_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):

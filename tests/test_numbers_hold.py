@@ -1,92 +1,106 @@
-"""Numbers that a change of structure must not move (issue: regrouping the package changes no
-number): the tiny training run's logged values, every one but the clock, and one episode of the
-fast simulator, bit for bit, against values recorded before the regrouping.
+"""Numbers that a change of structure must not move: the tiny training run (conftest.TINY_ARGS)
+logs, value for value, what it logs at REFERENCE_COMMIT, every value but the clocks.
 
-XLA's CPU kernels and OpenBLAS pick their code by instruction set and thread count, so the values
-are recorded per kind of CPU. To record them for a new kind, on a commit whose numbers are trusted:
-`python tests/test_numbers_hold.py`.
+Both runs are made here and now, on this machine, with this interpreter and its packages: HEAD's is
+the session fixture `tiny_run`, the reference's is run from a `git worktree` of REFERENCE_COMMIT
+(its own train.py, racer_vec and configs, which the test checks were the ones imported). XLA's CPU
+kernels and OpenBLAS pick their code by instruction set and thread count, so numbers recorded on
+one machine need not hold on another; two runs on the same machine agree bit for bit. Where the
+reference cannot be checked out (no git, not a git checkout, a shallow clone without the commit)
+the test skips, saying why.
+
+The fast simulator's episodes are compared with stock highway-env's the same way, at test time, in
+test_fast_sim.py.
 """
 
-import dataclasses
-import hashlib
 import json
 import os
-import platform
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from racer_vec.run.provenance import cpuinfo
+from conftest import ROOT, TINY_ARGS
 
-RECORDED = Path(__file__).parent / "data" / "recorded_numbers.json"
+# The last commit whose numbers the project trusts. Move it only to a commit whose numbers are
+# trusted: a change meant to move numbers moves it, in the same commit, and says why in its message.
+REFERENCE_COMMIT = "3feb3183b81874b1ae89bb94e783ee1b18c66701"
 CLOCKS = ("sps", "wall_time")
 
 
-def cpu_kind() -> str:
-    flags = set(cpuinfo().get("flags", "").split())
-    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "base"
-    return f"{platform.machine()}-{isa}-{os.cpu_count()}cpus"
-
-
-def untimed_metrics(run_dir: Path) -> list[dict]:
+def logged_values(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.jsonl, a dict per line: key -> the value's JSON text (floats are written round-trip,
+    so equal text is equal bits; NaN equals NaN), the clocks left out."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in CLOCKS} for row in rows]
+    return [{k: json.dumps(v) for k, v in row.items() if k not in CLOCKS} for row in rows]
 
 
-def fast_sim_episode() -> dict:
-    """One `racer_highway` episode (50 vehicles) of the fast simulator with seeded random actions."""
-    import configs
-    from racer_vec.sim.highway import make_env
-
-    env_cfg = dataclasses.replace(configs.PRESETS["racer_highway"].env, fast_sim=True)
-    env = make_env(env_cfg, seed=3)
-    rng = np.random.default_rng(3)
-    digest = hashlib.sha256()
-    obs, _ = env.reset(seed=3)
-    digest.update(obs.tobytes())
-    total, steps = 0.0, 0
-    for steps in range(1, 201):
-        obs, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, 2).astype(np.float32))
-        digest.update(obs.tobytes() + np.float64(reward).tobytes() + bytes([terminated, truncated]))
-        total += reward
-        if terminated or truncated:
-            break
-    env.close()
-    return {"length": steps, "return": total, "sha256": digest.hexdigest()}
+def _differences(reference: list[dict], head: list[dict]) -> list[str]:
+    if len(reference) != len(head):
+        return [f"{len(reference)} metrics lines at the reference, {len(head)} at HEAD"]
+    return [
+        f"line {i}: {key}: {ref.get(key, '(absent)')} at the reference, {now.get(key, '(absent)')} at HEAD"
+        for i, (ref, now) in enumerate(zip(reference, head))
+        for key in sorted(ref.keys() | now.keys())
+        if ref.get(key) != now.get(key)
+    ]
 
 
-def _recorded() -> dict:
-    numbers = json.loads(RECORDED.read_text()).get(cpu_kind()) if RECORDED.exists() else None
-    if numbers is None:
-        pytest.skip(f"no numbers recorded for this kind of CPU ({cpu_kind()}); see this module's docstring")
-    return numbers
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=120)
 
 
-def test_the_tiny_run_logs_the_recorded_values(tiny_run):
-    assert untimed_metrics(tiny_run) == _recorded()["tiny_run"]
+def _reference_unavailable() -> str | None:
+    """Why the reference commit cannot be checked out here, or None."""
+    if shutil.which("git") is None:
+        return "git is not installed"
+    if _git("rev-parse", "--git-dir").returncode != 0:
+        return f"{ROOT} is not a git checkout"
+    if _git("cat-file", "-e", f"{REFERENCE_COMMIT}^{{commit}}").returncode != 0:
+        return f"the reference commit {REFERENCE_COMMIT[:7]} is not in this clone's history (a shallow clone?)"
+    return None
 
 
-def test_a_fast_simulator_episode_is_the_recorded_one():
-    assert fast_sim_episode() == _recorded()["fast_sim_episode"]
+def _run_reference(worktree: Path, runs_dir: Path) -> subprocess.CompletedProcess:
+    """The tiny run, as the fixture `tiny_run` makes it, from the worktree's train.py. Python's
+    verbose mode reports every module each process (driver, forkserver, workers) imports, and from where."""
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONVERBOSE": "1"}
+    return subprocess.run(
+        [sys.executable, str(worktree / "train.py"), *TINY_ARGS, "--runs-dir", str(runs_dir), "--run-name", "tiny",
+         "--save-buffer", "--wandb-mode", "offline"],
+        capture_output=True, text=True, timeout=600, cwd=worktree, env=env,
+    )  # fmt: skip
 
 
-if __name__ == "__main__":
-    import subprocess
-    import tempfile
+def _check_imported_from(worktree: Path, result: subprocess.CompletedProcess, run_dir: Path) -> None:
+    """racer_vec and configs came from the worktree in every process: not from this checkout, to
+    which the editable install points (the script's directory comes first on sys.path)."""
+    roots = set(re.findall(r"([^\s'\"]+)/racer_vec/\S*?\.py", result.stderr))
+    assert roots == {str(worktree)}, f"racer_vec imported from {sorted(roots)}, not only from {worktree}"
+    assert f"{worktree}/racer_vec/sim/highway.py" in result.stderr  # the env workers' module
+    assert f"{worktree}/configs/" in result.stderr and f"{ROOT}/configs/" not in result.stderr
+    # the driver's own provenance: the commit of the racer_vec it imported
+    sessions = [json.loads(line) for line in (run_dir / "run_info.jsonl").read_text().splitlines()]
+    assert [s.get("commit") for s in sessions if "commit" in s] == [REFERENCE_COMMIT], sessions
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import TINY_ARGS, run_train
 
-    with tempfile.TemporaryDirectory() as runs:
-        result = run_train(*TINY_ARGS, "--runs-dir", runs, "--run-name", "tiny", "--save-buffer",
-                           "--wandb-mode", "disabled")  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        numbers = {"tiny_run": untimed_metrics(Path(runs) / "tiny"), "fast_sim_episode": fast_sim_episode()}
-    recorded = json.loads(RECORDED.read_text()) if RECORDED.exists() else {}
-    recorded[cpu_kind()] = numbers
-    RECORDED.parent.mkdir(exist_ok=True)
-    RECORDED.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"recorded {cpu_kind()} at {commit} in {RECORDED}")
+@pytest.mark.slow
+def test_the_tiny_run_logs_what_the_reference_commit_logs(tiny_run, tmp_path):
+    why = _reference_unavailable()
+    if why:
+        pytest.skip(f"no reference run: {why}")
+    worktree = tmp_path / "reference"
+    added = _git("worktree", "add", "--detach", str(worktree), REFERENCE_COMMIT)
+    assert added.returncode == 0, added.stderr
+    try:
+        result = _run_reference(worktree, tmp_path / "runs")
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        _check_imported_from(worktree, result, tmp_path / "runs" / "tiny")
+        differences = _differences(logged_values(tmp_path / "runs" / "tiny"), logged_values(tiny_run))
+        assert not differences, f"HEAD's tiny run differs from {REFERENCE_COMMIT[:7]}'s:\n" + "\n".join(differences[:20])
+    finally:
+        _git("worktree", "remove", "--force", str(worktree))
+        _git("worktree", "prune")

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from racer_vec.config import ACTION_DIM, SPEED, STEERING, AgentConfig
+from racer_vec.config import ACTION_DIM, KINEMATICS_FEATURES, SPEED, STEERING, AgentConfig
 
-VEHICLE_FEATURES = 6
+VEHICLE_FEATURES = len(KINEMATICS_FEATURES)
 """One Kinematics row: presence, x, y, vx, vy, heading."""
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 # He initialization for the ReLU layers. Heads start near zero: the initial policy is N(0, 1) before

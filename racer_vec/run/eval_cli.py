@@ -16,7 +16,9 @@ from typing import Literal
 import numpy as np
 
 import configs
-from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig, check_finite, resolve, to_dict
+from racer_vec.config import (
+    ACTION_DIM, ConfigError, EnvConfig, RewardParams, TrainConfig, check_finite, resolve, to_dict,
+)  # fmt: skip
 from racer_vec.run.evaluation import (
     METRICS_FILE, STOP_SIGNALS, EvaluationInterrupted, Evaluator, Policy, format_summary, summarize,
 )  # fmt: skip
@@ -24,6 +26,9 @@ from racer_vec.sim import highway
 from racer_vec.sim.video import VideoRecorder
 
 PresetName = Literal[tuple(configs.PRESETS)]  # type: ignore[valid-type]
+DEFAULT_EPISODES = 20
+RELEASE_EPISODES = 10
+"""The release's evaluation script runs 10 episodes by default (design §11)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +42,12 @@ class EvalArgs:
     """`agent`: the checkpoint's actor. Baselines: `zero`, `constant` (--constant-action), `random`
     (uniform); they need --preset, or a --checkpoint whose env they then use."""
     preset: PresetName | None = None
-    """The preset whose env a baseline policy runs on."""
+    """The preset whose env a baseline policy runs on; with a checkpoint, run its agent on that preset's
+    env instead of its own (a PointNet agent runs on any number of observed vehicles)."""
     constant_action: tuple[float, float] = (0.5, 0.0)
     """The `constant` baseline's action: acceleration, steering, in [-1, 1]."""
-    num_episodes: int = 20
+    num_episodes: int | None = None
+    """Episodes; default: 20, or 10 with --protocol release (the release script's default)."""
     num_workers: int = 4
     """Env worker processes (at most one per episode); the results do not depend on it."""
     seed: int = 0
@@ -50,6 +57,11 @@ class EvalArgs:
     max_videos: int = 3
     deterministic: bool = False
     """Act with tanh of the actor's mean (mapped onto the limited range) instead of sampling."""
+    protocol: Literal["racer-vec", "release"] = "racer-vec"
+    """`racer-vec`: design §7's measures. `release`: the public release's evaluation script (design §11):
+    the actor's mean clipped to the action box (no tanh; a learned limit still bounds it), -5 on every
+    step off highway-env's road in place of the env layer's offroad term, speed as |(vx, vy)| observed
+    before each step, 10 episodes unless --num-episodes; crashes are counted as ours (correctly)."""
     output_dir: str | None = None
     """Where evaluation_metrics.json and the videos go; default: <run>/eval/<step>, or eval/<policy>_<preset>."""
     duration: int | None = None
@@ -66,10 +78,29 @@ class Target:
     output_dir: Path
     checkpoint_dir: Path | None = None
     step: int | None = None
+    env: EnvConfig | None = None
+    """The env the episodes run on when it is not the config's own (--preset with a checkpoint)."""
+
+    @property
+    def env_cfg(self) -> EnvConfig:
+        return self.cfg.env if self.env is None else self.env
+
+
+def episodes_of(args: EvalArgs) -> int:
+    if args.num_episodes is not None:
+        return args.num_episodes
+    return RELEASE_EPISODES if args.protocol == "release" else DEFAULT_EPISODES
+
+
+def action_rule(args: EvalArgs) -> str:
+    """How the evaluated policy acts, as results files and tables name it."""
+    if args.policy != "agent":
+        return args.policy
+    return "clip(mean)" if args.protocol == "release" else "tanh(mean)" if args.deterministic else "sampled"
 
 
 def validate_args(args: EvalArgs) -> None:
-    for flag, value in (("--num-episodes", args.num_episodes), ("--num-workers", args.num_workers)):
+    for flag, value in (("--num-episodes", episodes_of(args)), ("--num-workers", args.num_workers)):
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
     check_finite(args)
@@ -83,8 +114,8 @@ def validate_args(args: EvalArgs) -> None:
     if args.policy == "agent":
         if args.checkpoint is None:
             raise ConfigError("--checkpoint is required to evaluate an agent (or choose a baseline with --policy)")
-        if args.preset is not None:
-            raise ConfigError("--preset is only for baseline policies: a checkpoint brings its own config")
+        if args.deterministic and args.protocol == "release":
+            raise ConfigError("--protocol release acts with the clipped mean: --deterministic does not apply")
     else:
         if args.checkpoint is None and args.preset is None:
             raise ConfigError(f"--policy {args.policy} needs --preset NAME (the env to run on)")
@@ -127,17 +158,26 @@ def resolve_target(args: EvalArgs) -> Target:
         run = directory.parent
         suffix = "" if args.policy == "agent" else f"_{args.policy}"
         suffix += "_deterministic" if args.deterministic else ""
+        suffix += "_release" if args.protocol == "release" else ""
+        env = None
+        if args.preset is not None:
+            env = configs.PRESETS[args.preset].env
+            suffix += f"_on_{args.preset}"
+            if cfg.agent.encoder != "pointnet" and env.observed_vehicles != cfg.env.observed_vehicles:
+                raise ConfigError(
+                    f"--preset {args.preset}: its env observes {env.observed_vehicles} vehicles, the checkpoint's "
+                    f"{cfg.agent.encoder} agent {cfg.env.observed_vehicles}; only a PointNet agent runs on another number"
+                )
         label = f"{run.name}_{step}{suffix}"
-        target = Target(cfg, label, run / "eval" / f"{step}{suffix}", directory, step)
+        target = Target(cfg, label, run / "eval" / f"{step}{suffix}", directory, step, env)
     if args.duration is not None:
-        cfg = dataclasses.replace(target.cfg, env=dataclasses.replace(target.cfg.env, duration=args.duration))
-        target = dataclasses.replace(target, cfg=cfg)
+        target = dataclasses.replace(target, env=dataclasses.replace(target.env_cfg, duration=args.duration))
     if args.output_dir is not None:
         target = dataclasses.replace(target, output_dir=Path(args.output_dir))
     return target
 
 
-def build_policy(args: EvalArgs, target: Target, obs_dim: int) -> Policy:
+def build_policy(args: EvalArgs, target: Target) -> Policy:
     """The action function of the evaluated policy (loads and checks the checkpoint for `agent`)."""
     if args.policy == "zero":
         return lambda obs, ids, steps: np.zeros((obs.shape[0], ACTION_DIM), np.float32)
@@ -161,7 +201,9 @@ def build_policy(args: EvalArgs, target: Target, obs_dim: int) -> Policy:
         )
         return lambda obs, ids, steps: np.asarray(uniform(ids, steps))
 
-    agent, learner = _restore_agent(target, obs_dim)
+    agent, learner = _restore_agent(target)
+    if args.protocol == "release":
+        return lambda obs, ids, steps: np.asarray(learner.release_actions(agent, obs))
     if args.deterministic:
         return lambda obs, ids, steps: np.asarray(learner.deterministic_actions(agent, obs))
 
@@ -173,7 +215,7 @@ def build_policy(args: EvalArgs, target: Target, obs_dim: int) -> Policy:
     return lambda obs, ids, steps: np.asarray(sample(agent, obs, ids, steps))
 
 
-def _restore_agent(target: Target, obs_dim: int):
+def _restore_agent(target: Target):
     import jax
 
     from racer_vec.learner.agent import init_agent, make_learner
@@ -185,7 +227,8 @@ def _restore_agent(target: Target, obs_dim: int):
     )
     try:
         # shapes and dtypes are all a restore needs: eval_shape spares compiling the agent's initializer
-        template = jax.eval_shape(lambda: init_agent(cfg.agent, obs_dim, cfg.env.observed_vehicles, cfg.seed))
+        # the shapes the checkpoint was trained with: its own env's, whatever env it runs on here
+        template = jax.eval_shape(lambda: init_agent(cfg.agent, cfg.env.obs_dim, cfg.env.observed_vehicles, cfg.seed))
     except ValueError as exc:
         raise ConfigError(f"--checkpoint {target.checkpoint_dir}: saved config does not fit its env ({exc})") from None
     checkpointer = Checkpointer(target.checkpoint_dir, keep=cfg.keep_checkpoints)
@@ -218,15 +261,14 @@ def run_evaluation(args: EvalArgs) -> int:
     """evaluate.py's work; raises ConfigError on a user mistake, returns the exit code otherwise."""
     validate_args(args)
     target = resolve_target(args)
-    env_cfg = target.cfg.env
+    env_cfg = target.env_cfg
+    num_episodes = episodes_of(args)
     # a probe env checks the env config (unknown keys or id) before anything else starts
-    probe = highway.make_env(env_cfg)
-    obs_dim = probe.observation_space.shape[0]
-    probe.close()
-    policy = build_policy(args, target, obs_dim)
+    highway.make_env(env_cfg).close()
+    policy = build_policy(args, target)
 
-    num_filmed = min(args.max_videos, args.num_episodes) if args.render else 0
-    num_workers = min(args.num_workers, args.num_episodes)
+    num_filmed = min(args.max_videos, num_episodes) if args.render else 0
+    num_workers = min(args.num_workers, num_episodes)
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
     evaluator = Evaluator(env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0)
     interrupted = []
@@ -234,10 +276,10 @@ def run_evaluation(args: EvalArgs) -> int:
     previous = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in STOP_SIGNALS}
     try:
         with _progress() as progress:
-            task = progress.add_task("evaluate", total=args.num_episodes)
+            task = progress.add_task("evaluate", total=num_episodes)
             episodes = evaluator.run(
                 policy,
-                args.num_episodes,
+                num_episodes,
                 args.seed,
                 recorder=recorder,
                 num_filmed=num_filmed,
@@ -260,13 +302,18 @@ def run_evaluation(args: EvalArgs) -> int:
             recorder.close()
         evaluator.close()
 
-    summary = summarize(episodes)
+    summary = {
+        **summarize(episodes, release=args.protocol == "release"),
+        "protocol": args.protocol,
+        "action_rule": action_rule(args),
+        "env_id": env_cfg.env_id,
+    }
     videos = recorder.written if recorder is not None else {}
     report = {
         "summary": summary,
         "episodes": [{**e.to_json(), "video": str(videos[e.episode]) if e.episode in videos else None} for e in episodes],
         "config": {
-            "evaluation": {**dataclasses.asdict(args), "num_workers_used": num_workers},
+            "evaluation": {**dataclasses.asdict(args), "num_episodes": num_episodes, "num_workers_used": num_workers},
             "checkpoint": None
             if target.checkpoint_dir is None
             else {"directory": str(target.checkpoint_dir), "step": target.step},

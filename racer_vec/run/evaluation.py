@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from racer_vec.config import EnvConfig, RewardParams
+from racer_vec.config import KINEMATICS_FEATURES, EnvConfig, RewardParams
 from racer_vec.sim import highway
 from racer_vec.sim.rewards import training_reward
 from racer_vec.sim.video import FrameStats, VideoRecorder
@@ -27,6 +27,9 @@ from racer_vec.sim.video import FrameStats, VideoRecorder
 EVAL_BATCH = 16
 SAFETY_RISK_THRESHOLD = -0.5
 """A step violates safety when its collision risk is below this, or when the ego is offroad."""
+VX, VY = KINEMATICS_FEATURES.index("vx"), KINEMATICS_FEATURES.index("vy")
+RELEASE_OFFROAD_PENALTY = -5.0
+"""The release's evaluation adds this on every step where highway-env's `on_road` is false (design §11)."""
 METRICS_FILE = "evaluation_metrics.json"
 RULE = "=" * 50
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -60,14 +63,20 @@ class EpisodeRecord:
     """Mean over steps of the nearest-vehicle distance (m), steps without one skipped; None if none had one."""
     ego_speed: float
     """Mean over steps of the forward speed (m/s)."""
+    release_return: float
+    """The release's return (design §11): the env's reward without the env layer's offroad-termination
+    term, and -5 on every step off highway-env's road."""
+    release_speed: float
+    """The release's speed (design §11): mean over steps of |(vx, vy)| of the ego's observation before the step."""
 
     def to_json(self) -> dict:
         return {("return" if k == "episode_return" else k): v for k, v in dataclasses.asdict(self).items()}
 
 
-def summarize(episodes: list[EpisodeRecord]) -> dict:
-    """The design §7 summary; rates are fractions in [0, 1], standard deviations over episodes (ddof 0)."""
-    returns = np.array([e.episode_return for e in episodes])
+def summarize(episodes: list[EpisodeRecord], release: bool = False) -> dict:
+    """The design §7 summary; rates are fractions in [0, 1], standard deviations over episodes (ddof 0).
+    `release`: return and speed are the release's measures (design §11); crashes are counted as ours."""
+    returns = np.array([e.release_return if release else e.episode_return for e in episodes])
     lengths = np.array([e.length for e in episodes])
     crashed = np.array([e.crashed for e in episodes])
     offroad = np.array([e.offroad_terminated for e in episodes])
@@ -82,7 +91,7 @@ def summarize(episodes: list[EpisodeRecord]) -> dict:
         "collision_rate": float(crashed.mean()),
         "mean_safety_violation_rate": float(np.mean([e.safety_violation_rate for e in episodes])),
         "mean_min_distance": float(np.mean(distances)) if distances else None,
-        "mean_ego_speed": float(np.mean([e.ego_speed for e in episodes])),
+        "mean_ego_speed": float(np.mean([e.release_speed if release else e.ego_speed for e in episodes])),
         "mean_training_return": float(np.mean([e.training_return for e in episodes])),
         "offroad_episode_rate": float(offroad.mean()),
     }
@@ -105,6 +114,8 @@ def format_summary(summary: dict) -> str:
             f"Mean Min Distance: {'n/a' if distance is None else f'{distance:.2f}m'}",
             f"Mean Ego Speed: {summary['mean_ego_speed']:.1f} m/s",
         ]
+        + ([f"Protocol: {summary['protocol']}, actions {summary['action_rule']}, {summary['env_id']}"]
+           if "protocol" in summary else [])  # fmt: skip
     )
 
 
@@ -118,15 +129,21 @@ class EpisodeAccumulator:
         self.distance_sum = np.zeros(num_envs)
         self.distance_steps = np.zeros(num_envs, dtype=np.int64)
         self.speed_sum = np.zeros(num_envs)
+        self.release_return = np.zeros(num_envs)
+        self.observed_speed_sum = np.zeros(num_envs)
         self.length = np.zeros(num_envs, dtype=np.int64)
 
     def reset(self, mask: np.ndarray) -> None:
         for array in vars(self).values():
             array[mask] = 0
 
-    def add(self, env_reward: np.ndarray, values: dict, rewards: dict) -> None:
-        """`values`: envs.step_values of the step; `rewards`: rewards.training_reward of it."""
+    def add(self, env_reward: np.ndarray, values: dict, rewards: dict, release_reward: np.ndarray,
+            obs_before: np.ndarray) -> None:  # fmt: skip
+        """`values`: envs.step_values of the step; `rewards`: rewards.training_reward of it; `obs_before`:
+        the observations the step acted on (the release measures speed there)."""
         self.env_return += env_reward
+        self.release_return += release_reward
+        self.observed_speed_sum += np.hypot(obs_before[:, VX], obs_before[:, VY])  # row 0 is the ego's
         self.training_return += rewards["training_reward"]
         self.violations += (rewards["collision_risk"] < SAFETY_RISK_THRESHOLD) | values["offroad"]
         near = np.isfinite(values["nearest_distance"])
@@ -149,7 +166,16 @@ class EpisodeAccumulator:
             safety_violation_rate=float(self.violations[i] / length),
             min_distance=float(self.distance_sum[i] / steps_near) if steps_near else None,
             ego_speed=float(self.speed_sum[i] / length),
+            release_return=float(self.release_return[i]),
+            release_speed=float(self.observed_speed_sum[i] / length),
         )
+
+
+def release_reward(env_reward: np.ndarray, values: dict, offroad_termination_reward: float) -> np.ndarray:
+    """The release's per-step reward (design §11): its -5 on every step off highway-env's road in place
+    of the env layer's offroad-termination term."""
+    ours = np.where(values["offroad_terminated"], offroad_termination_reward, 0.0)
+    return env_reward - ours + np.where(values["on_road"], 0.0, RELEASE_OFFROAD_PENALTY)
 
 
 def padded_actions(policy: Policy, obs: np.ndarray, episode_ids: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -177,6 +203,7 @@ class Evaluator:
 
     def __init__(self, env_cfg: EnvConfig, reward_params: RewardParams, num_workers: int, *, render: bool = False):
         self.reward_params = reward_params
+        self.offroad_termination_reward = env_cfg.offroad_termination_reward
         self.num_workers = num_workers
         self.render = render
         self.envs = highway.make_vector_env(
@@ -228,10 +255,12 @@ class Evaluator:
                 if should_stop is not None and should_stop():
                     raise EvaluationInterrupted
                 actions = padded_actions(policy, obs, np.maximum(episode_ids, 0), acc.length.copy())
+                obs_before = obs
                 obs, env_reward, terminated, truncated, infos = highway.vector_call(self.envs, self.envs.step, actions)
                 values = highway.step_values(infos, n)
                 rewards = training_reward(obs, env_reward, values["rewards"], values["offroad"], self.reward_params)
-                acc.add(env_reward, values, rewards)
+                release = release_reward(env_reward, values, self.offroad_termination_reward)
+                acc.add(env_reward, values, rewards, release, obs_before)
                 if num_filmed:
                     self._film_step(infos, episode_ids, active, num_filmed, recorder, values, rewards, acc)
                 done = (terminated | truncated) & active

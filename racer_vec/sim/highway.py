@@ -14,6 +14,7 @@ Info keys of every step and reset (`STEP_KEYS` plus `rewards`), per worker:
   forward_speed       float  speed * cos(heading), m/s
   nearest_distance    float  metres to the nearest other vehicle, centre to centre (inf when none)
   offroad_terminated  bool   this step terminated the episode without a crash
+  on_road             bool   highway-env's own `on_road` (the release's offroad test, design §11)
   rewards             dict   highway-env's reward terms (as floats)
 """
 
@@ -39,7 +40,7 @@ from racer_vec.config import ConfigError, EnvConfig
 from racer_vec.sim.video import configure_headless
 
 OBS_CLIP = 100.0
-STEP_KEYS = ("offroad", "crashed", "speed", "forward_speed", "nearest_distance", "offroad_terminated")
+STEP_KEYS = ("offroad", "crashed", "speed", "forward_speed", "nearest_distance", "offroad_terminated", "on_road")
 """Scalar per-step info values; `step_values` also returns the `rewards` dict."""
 DEAD_WORKER_POLL_S = 2.0
 """How long find_failed_worker waits for a dead worker's exit code (it is None for a few ms)."""
@@ -176,6 +177,7 @@ class HighwayLayer(gym.Wrapper):
             "forward_speed": float(ego.speed * math.cos(ego.heading)),
             "nearest_distance": nearest,
             "offroad_terminated": False,
+            "on_road": bool(ego.on_road),
             "rewards": {k: float(r) for k, r in info["rewards"].items()},
         }
 

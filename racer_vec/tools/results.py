@@ -165,11 +165,22 @@ def kilo(env_steps: int) -> str:
     return f"{env_steps / 1000:g}k"
 
 
+def evaluation_label(result: dict) -> str:
+    """How a row was evaluated: the protocol's action rule, `release: clip(mean)` for the release's
+    (design §11); files written before evaluations said so name the rule by --deterministic."""
+    summary, settings = result["evaluation"], result.get("evaluation_settings") or {}
+    rule = summary.get("action_rule") or ("tanh(mean)" if settings.get("deterministic") else "sampled")
+    env = summary.get("env_id")
+    on = "" if env is None or env == result["config"]["env"]["env_id"] else f" on {env.rpartition(':')[2]}"
+    return ("release: " if summary.get("protocol") == "release" else "") + rule + on
+
+
 FIELDS = (
     ("run", lambda r: r["run"]),
     ("CVaR", lambda r: f"{r['cvar_risk']:g}"),
     ("seed", lambda r: str(r["seed"])),
     ("transitions", lambda r: kilo(r["env_steps"])),
+    ("evaluation", evaluation_label),
     ("eval return", lambda r: f"{r['evaluation']['mean_return']:.1f} ± {r['evaluation']['std_return']:.1f}"),
     ("eval speed [m/s]", lambda r: f"{r['evaluation']['mean_ego_speed']:.1f}"),
     ("eval collisions", lambda r: f"{100 * r['evaluation']['collision_rate']:.0f}%"),
@@ -188,6 +199,7 @@ def release_cells(row: ReleaseRow, columns: tuple[str, ...]) -> list[str]:
         "run": row.label, "runs": row.label, "preset": "the release", "transitions": kilo(RELEASE_STEPS),
         "CVaR": "—" if row.cvar_risk is None else f"{row.cvar_risk:g}", "eval return": ret,
         "eval speed [m/s]": f"{row.speed:.1f}", "train collisions": f"{row.train_collisions:,}",
+        "evaluation": "release: clip(mean), its env not established (design §11)",
     }  # fmt: skip
     return [cells.get(name, "—") for name in columns]
 
@@ -226,6 +238,7 @@ MEAN_FIELDS = (
     ("transitions", lambda g: kilo(g[0]["env_steps"])),
     ("seeds", lambda g: ", ".join(str(r["seed"]) for r in g)),
     ("runs", lambda g: ", ".join(r["run"] for r in g)),
+    ("evaluation", lambda g: evaluation_label(g[0])),
     ("eval return", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_return']):.1f}"),
     ("eval speed [m/s]", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_ego_speed']):.1f}"),
     ("eval collisions", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['collision_rate']):.0f}%"),
@@ -244,7 +257,7 @@ def seed_groups(results: list[dict]) -> list[list[dict]]:
         except (ConfigError, TypeError):
             config = r["config"]
         settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
-        key = (r["preset"], r["env_steps"], r["cvar_risk"], json.dumps(settings, sort_keys=True))
+        key = (r["preset"], r["env_steps"], r["cvar_risk"], evaluation_label(r), json.dumps(settings, sort_keys=True))
         groups.setdefault(key, []).append(r)
     return [sorted(groups[key], key=lambda r: r["seed"]) for key in sorted(groups)]
 
