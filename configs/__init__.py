@@ -11,7 +11,7 @@ PRESETS = {
 }
 
 PRESET_DESCRIPTIONS = {
-    "racer_highway": "The seed's scene: highway-v0, 50 vehicles, CVaR 0.8, learned steering limit (default).",
-    "racer_highway_distributed": "The seed's distributed command: racer_highway with 4 workers, batch 256, utd 16.",
+    "racer_highway": "The original description's scene: highway-v0, 50 vehicles, CVaR 0.8, learned steering limit (default).",
+    "racer_highway_distributed": "The original description's distributed command: racer_highway with 4 workers, batch 256, utd 16.",
     "highway_fast": "The public highway-racer release: highway-fast-v0, 8 workers, PointNet, CVaR 0.5.",
 }

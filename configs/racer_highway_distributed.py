@@ -1,4 +1,4 @@
-"""The seed's distributed command: racer_highway with 4 workers and a larger learner."""
+"""The original description's distributed command: racer_highway with 4 workers and a larger learner."""
 
 import dataclasses
 
