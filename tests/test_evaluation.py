@@ -213,7 +213,8 @@ def test_periodic_deterministic_evaluation_does_not_depend_on_the_worker_count(t
     import jax
 
     from racer_vec.learner.agent import init_agent, deterministic_actions
-    from racer_vec.run.checkpoints import Checkpointer, saved_config
+    from racer_vec.run.checkpoint_files import saved_config
+    from racer_vec.run.checkpoints import Checkpointer
     from racer_vec.config import resolve
 
     cfg = resolve(saved_config(tiny_run / "checkpoints", 400))
@@ -294,9 +295,9 @@ def test_incompatible_checkpoint_is_one_line_and_exit_2(tiny_run, tmp_path, caps
     state = json.loads(state_file.read_text())
     state["config"]["agent"]["hidden_dims"] = [64, 64]  # the saved arrays are 32 wide
     state_file.write_text(json.dumps(state))
-    from racer_vec.run.checkpoints import _write_manifest
+    from racer_vec.run.checkpoint_files import write_manifest
 
-    _write_manifest(copy / "200")  # an intact checkpoint, of another agent
+    write_manifest(copy / "200")  # an intact checkpoint, of another agent
     code, _, err = run_cli(capsys, "--checkpoint", copy, "--no-render")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "does not match" in err

@@ -145,9 +145,9 @@ def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "400" / "buffer")
-    from racer_vec.run.checkpoints import _write_manifest
+    from racer_vec.run.checkpoint_files import write_manifest
 
-    _write_manifest(run_dir / "checkpoints" / "400")  # saved without its buffer (else it is damaged)
+    write_manifest(run_dir / "checkpoints" / "400")  # saved without its buffer (else it is damaged)
     before = _metrics(run_dir)[-1]
     result = run_train("--resume", str(run_dir), "--max-steps", "560", "--wandb-mode", "disabled")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Literal
@@ -19,9 +18,13 @@ import configs
 from racer_vec.config import (
     ACTION_DIM, ConfigError, EnvConfig, RewardParams, TrainConfig, check_finite, resolve, to_dict,
 )  # fmt: skip
-from racer_vec.run.evaluation import (
-    METRICS_FILE, STOP_SIGNALS, EvaluationInterrupted, Evaluator, Policy, format_summary, summarize,
+from racer_vec.run.checkpoint_files import (
+    EVALUATION_ITEMS, DamagedCheckpoint, damage_warning, locate, newest_intact, saved_config, verify,
 )  # fmt: skip
+from racer_vec.run.evaluation import (
+    METRICS_FILE, EpisodeRecord, EvaluationInterrupted, Evaluator, Filming, Policy, format_summary, summarize,
+)  # fmt: skip
+from racer_vec.run.signals import stop_signals
 from racer_vec.sim import highway
 from racer_vec.sim.video import VideoRecorder
 
@@ -132,10 +135,6 @@ def resolve_target(args: EvalArgs) -> Target:
         label = f"{args.policy}_{args.preset}"
         target = Target(resolve(cfg), label, Path("eval") / label)
     else:
-        from racer_vec.run.checkpoints import (
-            EVALUATION_ITEMS, DamagedCheckpoint, damage_warning, locate, newest_intact, saved_config, verify,
-        )  # fmt: skip
-
         path = Path(args.checkpoint)
         if path.is_file():
             raise ConfigError(f"--checkpoint {path}: not a directory")
@@ -219,7 +218,7 @@ def _restore_agent(target: Target):
     import jax
 
     from racer_vec.learner.agent import init_agent, make_learner
-    from racer_vec.run.checkpoints import Checkpointer, DamagedCheckpoint
+    from racer_vec.run.checkpoints import Checkpointer
 
     cfg = target.cfg
     learner = make_learner(
@@ -262,27 +261,23 @@ def run_evaluation(args: EvalArgs) -> int:
     validate_args(args)
     target = resolve_target(args)
     env_cfg = target.env_cfg
-    num_episodes = episodes_of(args)
-    # a probe env checks the env config (unknown keys or id) before anything else starts
-    highway.make_env(env_cfg).close()
+    highway.check_env(env_cfg)  # the env config (unknown keys or id) is checked before anything else starts
     policy = build_policy(args, target)
-
+    num_episodes = episodes_of(args)
     num_filmed = min(args.max_videos, num_episodes) if args.render else 0
-    num_workers = min(args.num_workers, num_episodes)
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
+    num_workers = min(args.num_workers, num_episodes)
     evaluator = Evaluator(env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0)
     interrupted = []
-    # Ctrl-C (and SIGTERM, design §10) stops between vector steps (the workers ignore SIGINT, design §8)
-    previous = {s: signal.signal(s, lambda signum, frame: interrupted.append(signum)) for s in STOP_SIGNALS}
     try:
-        with _progress() as progress:
+        # Ctrl-C (and SIGTERM, design §10) stops between vector steps (the workers ignore SIGINT, design §8)
+        with stop_signals(lambda signum, frame: interrupted.append(signum)), _progress() as progress:
             task = progress.add_task("evaluate", total=num_episodes)
             episodes = evaluator.run(
                 policy,
                 num_episodes,
                 args.seed,
-                recorder=recorder,
-                num_filmed=num_filmed,
+                filming=None if recorder is None else Filming(recorder, num_filmed),
                 on_episode=lambda record: progress.advance(task),
                 should_stop=lambda: bool(interrupted),
             )
@@ -296,36 +291,37 @@ def run_evaluation(args: EvalArgs) -> int:
         print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
         return 130
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if recorder is not None:
             recorder.close()
         evaluator.close()
+    videos = recorder.written if recorder is not None else {}
+    summary = write_metrics(args, target, episodes, videos, num_workers)
+    print(format_summary(summary))
+    print(f"\nmetrics: {target.output_dir / METRICS_FILE}")
+    for k in sorted(videos):
+        print(f"video:   {videos[k]}")
+    return 0
 
+
+def write_metrics(args: EvalArgs, target: Target, episodes: list[EpisodeRecord], videos: dict, num_workers: int):
+    """Write evaluation_metrics.json (the summary, every episode with its video, the evaluation's settings);
+    returns the summary."""
     summary = {
         **summarize(episodes, release=args.protocol == "release"),
         "protocol": args.protocol,
         "action_rule": action_rule(args),
-        "env_id": env_cfg.env_id,
+        "env_id": target.env_cfg.env_id,
     }
-    videos = recorder.written if recorder is not None else {}
+    checkpoint = None if target.step is None else {"directory": str(target.checkpoint_dir), "step": target.step}
     report = {
         "summary": summary,
         "episodes": [{**e.to_json(), "video": str(videos[e.episode]) if e.episode in videos else None} for e in episodes],
         "config": {
-            "evaluation": {**dataclasses.asdict(args), "num_episodes": num_episodes, "num_workers_used": num_workers},
-            "checkpoint": None
-            if target.checkpoint_dir is None
-            else {"directory": str(target.checkpoint_dir), "step": target.step},
+            "evaluation": {**dataclasses.asdict(args), "num_episodes": len(episodes), "num_workers_used": num_workers},
+            "checkpoint": checkpoint,
             "train": to_dict(target.cfg),
         },
     }
     target.output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = target.output_dir / METRICS_FILE
-    metrics_path.write_text(json.dumps(report, indent=2) + "\n")
-
-    print(format_summary(summary))
-    print(f"\nmetrics: {metrics_path}")
-    for k in sorted(videos):
-        print(f"video:   {videos[k]}")
-    return 0
+    (target.output_dir / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return summary

@@ -13,7 +13,6 @@ No JAX here: the policy is a function handed in by the caller.
 from __future__ import annotations
 
 import dataclasses
-import signal
 from typing import Callable
 
 import numpy as np
@@ -32,8 +31,7 @@ RELEASE_OFFROAD_PENALTY = -5.0
 """The release's evaluation adds this on every step where highway-env's `on_road` is false (design §11)."""
 METRICS_FILE = "evaluation_metrics.json"
 RULE = "=" * 50
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Both stop a run or an evaluation cleanly: Ctrl-C, and a scheduler's preemption (design §10)."""
+
 
 class EvaluationInterrupted(Exception):
     """`should_stop` asked to stop; raised between vector steps, so the workers close cleanly."""
@@ -198,6 +196,83 @@ def padded_actions(policy: Policy, obs: np.ndarray, episode_ids: np.ndarray, ste
 # Episodes on a DISABLED-autoreset vector env
 
 
+class Episodes:
+    """The episodes of one Evaluator.run: which env runs which (-1: idle), their observations and
+    running sums, and the finished ones' records."""
+
+    def __init__(self, num_envs: int, obs_shape: tuple[int, ...], num_episodes: int, seed: int):
+        self.ids = np.full(num_envs, -1)
+        self.obs = np.zeros((num_envs, *obs_shape), np.float32)
+        self.acc = EpisodeAccumulator(num_envs)
+        self.records: dict[int, EpisodeRecord] = {}
+        self.num_episodes, self.seed = num_episodes, seed
+        self.next = 0
+
+    @property
+    def running(self) -> np.ndarray:
+        return self.ids >= 0
+
+    def assign(self, free: np.ndarray) -> np.ndarray:
+        """Free envs take the next episodes in env order (the rest idle until the end); returns the
+        mask of the envs that start one."""
+        start = np.flatnonzero(free)[: self.num_episodes - self.next]
+        self.ids[start] = np.arange(self.next, self.next + start.size)
+        self.next += start.size
+        started = np.zeros(len(self.ids), dtype=bool)
+        started[start] = True
+        return started
+
+    def finish(self, done: np.ndarray, values: dict) -> list[EpisodeRecord]:
+        """Record the episodes of the envs in `done`; their envs become free."""
+        finished = []
+        for i in np.flatnonzero(done):
+            k = int(self.ids[i])
+            crashed, offroad = values["crashed"][i], values["offroad_terminated"][i]
+            self.records[k] = self.acc.record(i, k, self.seed + k, crashed, offroad)
+            finished.append(self.records[k])
+        self.ids[done] = -1
+        return finished
+
+    def in_order(self) -> list[EpisodeRecord]:
+        return [self.records[k] for k in range(self.num_episodes)]
+
+
+class Filming:
+    """The filmed episodes (k < num_filmed) of an Evaluator.run: their frames, with the panel's stats,
+    go to `recorder`."""
+
+    def __init__(self, recorder: VideoRecorder, num_filmed: int):
+        self.recorder, self.num_filmed = recorder, num_filmed
+
+    def filmed(self, ids: np.ndarray) -> np.ndarray:
+        return (ids >= 0) & (ids < self.num_filmed)
+
+    def first_frames(self, infos: dict, started: np.ndarray, ids: np.ndarray) -> None:
+        """The reset frames of the episodes just started (mask `started`)."""
+        for i in np.flatnonzero(started & _has_frame(infos, len(ids))):
+            stats = FrameStats(
+                step=0, speed=float(infos["speed"][i]), safety_reward=None, env_return=0.0, training_return=0.0,
+                offroad=bool(infos["offroad"][i]), crashed=bool(infos["crashed"][i]),
+            )  # fmt: skip
+            self.recorder.add_frame(int(ids[i]), infos["frame"][i], stats)
+
+    def step_frames(self, infos: dict, values: dict, rewards: dict, episodes: Episodes) -> None:
+        """The frames of a vector step, with the episodes' sums after it."""
+        acc = episodes.acc
+        for i in np.flatnonzero(self.filmed(episodes.ids) & _has_frame(infos, len(episodes.ids))):
+            stats = FrameStats(
+                step=int(acc.length[i]), speed=float(values["speed"][i]),
+                safety_reward=float(rewards["safety_reward"][i]), env_return=float(acc.env_return[i]),
+                training_return=float(acc.training_return[i]), offroad=bool(values["offroad"][i]),
+                crashed=bool(values["crashed"][i]),
+            )  # fmt: skip
+            self.recorder.add_frame(int(episodes.ids[i]), infos["frame"][i], stats)
+
+
+def _has_frame(infos: dict, n: int) -> np.ndarray:
+    return infos.get("_frame", np.zeros(n, dtype=bool))
+
+
 class Evaluator:
     """Runs evaluation episodes on its own DISABLED-autoreset vector env, kept open between calls."""
 
@@ -222,106 +297,69 @@ class Evaluator:
         num_episodes: int,
         seed: int,
         *,
-        recorder: VideoRecorder | None = None,
-        num_filmed: int = 0,
+        filming: Filming | None = None,
         on_episode: Callable[[EpisodeRecord], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[EpisodeRecord]:
-        """Episodes 0..num_episodes-1 with seeds seed + k; episodes k < num_filmed go to `recorder`.
+        """Episodes 0..num_episodes-1 with seeds seed + k; `filming` films the first few.
 
         `should_stop` is checked between vector steps (never inside one, design §8): when it returns
         True, EvaluationInterrupted is raised.
         """
-        if num_filmed and not (self.render and recorder is not None):
-            raise ValueError("filming needs an Evaluator built with render=True and a recorder")
-        n = self.num_workers
-        episode_ids = np.full(n, -1)
-        obs = np.zeros((n, *self.envs.single_observation_space.shape), np.float32)
-        acc = EpisodeAccumulator(n)
-        records: dict[int, EpisodeRecord] = {}
-        next_episode = 0
-        needs_episode = np.ones(n, dtype=bool)
+        if filming is not None and not self.render:
+            raise ValueError("filming needs an Evaluator built with render=True")
+        episodes = Episodes(self.num_workers, self.envs.single_observation_space.shape, num_episodes, seed)
+        free = np.ones(self.num_workers, dtype=bool)
         try:
             while True:
-                # Free envs take the next episodes in env order; the rest idle until the end.
-                start = np.flatnonzero(needs_episode)[: num_episodes - next_episode]
-                if start.size:
-                    episode_ids[start] = np.arange(next_episode, next_episode + start.size)
-                    next_episode += start.size
-                    obs = self._start_episodes(obs, start, episode_ids, seed, num_filmed, recorder, acc)
-                active = episode_ids >= 0
-                if not active.any():
-                    break
+                started = episodes.assign(free)
+                if started.any():
+                    self._start_episodes(episodes, started, filming)
+                if not episodes.running.any():
+                    return episodes.in_order()
                 if should_stop is not None and should_stop():
                     raise EvaluationInterrupted
-                actions = padded_actions(policy, obs, np.maximum(episode_ids, 0), acc.length.copy())
-                obs_before = obs
-                obs, env_reward, terminated, truncated, infos = highway.vector_call(self.envs, self.envs.step, actions)
-                values = highway.step_values(infos, n)
-                rewards = training_reward(obs, env_reward, values["rewards"], values["offroad"], self.reward_params)
-                release = release_reward(env_reward, values, self.offroad_termination_reward)
-                acc.add(env_reward, values, rewards, release, obs_before)
-                if num_filmed:
-                    self._film_step(infos, episode_ids, active, num_filmed, recorder, values, rewards, acc)
-                done = (terminated | truncated) & active
-                for i in np.flatnonzero(done):
-                    k = int(episode_ids[i])
-                    records[k] = acc.record(i, k, seed + k, values["crashed"][i], values["offroad_terminated"][i])
-                    if recorder is not None:
-                        recorder.finish(k)
-                    if on_episode is not None:
-                        on_episode(records[k])
-                episode_ids[done] = -1
-                needs_episode = done
+                free, finished = self._step(policy, episodes, filming)
+                for record in finished if on_episode is not None else ():
+                    on_episode(record)
         except highway.WorkerFault as fault:
-            if fault.env_index is not None and episode_ids[fault.env_index] >= 0:
-                fault.episode = int(episode_ids[fault.env_index])
+            if fault.env_index is not None and episodes.ids[fault.env_index] >= 0:
+                fault.episode = int(episodes.ids[fault.env_index])
             self.faulted = True
             raise
         except BaseException as exc:
             # a failed or abandoned step leaves the workers in a state a plain close() hangs on
             self.faulted = not isinstance(exc, EvaluationInterrupted)
             raise
-        return [records[k] for k in range(num_episodes)]
 
-    def _start_episodes(self, obs, start, episode_ids, seed, num_filmed, recorder, acc) -> np.ndarray:
-        n = self.num_workers
-        mask = np.zeros(n, dtype=bool)
-        mask[start] = True
-        if num_filmed:
-            self.envs.set_attr("filming", [bool(0 <= k < num_filmed) for k in episode_ids])
+    def _start_episodes(self, episodes: Episodes, started: np.ndarray, filming: Filming | None) -> None:
+        if filming is not None:
+            self.envs.set_attr("filming", filming.filmed(episodes.ids).tolist())
         # Python ints (a numpy int kills the worker); a fresh options dict (reset pops reset_mask)
-        seeds = [int(seed + episode_ids[i]) if mask[i] else None for i in range(n)]
-        reset_obs, infos = highway.vector_call(self.envs, self.envs.reset, seed=seeds, options={"reset_mask": mask})
-        acc.reset(mask)
-        if num_filmed:
-            for i in np.flatnonzero(mask & infos.get("_frame", np.zeros(n, dtype=bool))):
-                stats = FrameStats(
-                    step=0,
-                    speed=float(infos["speed"][i]),
-                    safety_reward=None,
-                    env_return=0.0,
-                    training_return=0.0,
-                    offroad=bool(infos["offroad"][i]),
-                    crashed=bool(infos["crashed"][i]),
-                )
-                recorder.add_frame(int(episode_ids[i]), infos["frame"][i], stats)
-        return np.where(mask[:, None], reset_obs, obs)
+        seeds = [int(episodes.seed + k) if s else None for k, s in zip(episodes.ids, started)]
+        reset_obs, infos = highway.vector_call(self.envs, self.envs.reset, seed=seeds, options={"reset_mask": started})
+        episodes.acc.reset(started)
+        if filming is not None:
+            filming.first_frames(infos, started, episodes.ids)
+        episodes.obs = np.where(started[:, None], reset_obs, episodes.obs)
 
-    @staticmethod
-    def _film_step(infos, episode_ids, active, num_filmed, recorder, values, rewards, acc) -> None:
-        filmed = active & (episode_ids < num_filmed) & infos.get("_frame", np.zeros(len(active), dtype=bool))
-        for i in np.flatnonzero(filmed):
-            stats = FrameStats(
-                step=int(acc.length[i]),
-                speed=float(values["speed"][i]),
-                safety_reward=float(rewards["safety_reward"][i]),
-                env_return=float(acc.env_return[i]),
-                training_return=float(acc.training_return[i]),
-                offroad=bool(values["offroad"][i]),
-                crashed=bool(values["crashed"][i]),
-            )
-            recorder.add_frame(int(episode_ids[i]), infos["frame"][i], stats)
+    def _step(self, policy: Policy, episodes: Episodes, filming: Filming | None):
+        """One vector step of the running episodes: (the mask of envs whose episode ended, its records)."""
+        acc, obs_before = episodes.acc, episodes.obs
+        actions = padded_actions(policy, obs_before, np.maximum(episodes.ids, 0), acc.length.copy())
+        obs, env_reward, terminated, truncated, infos = highway.vector_call(self.envs, self.envs.step, actions)
+        values = highway.step_values(infos, self.num_workers)
+        rewards = training_reward(obs, env_reward, values["rewards"], values["offroad"], self.reward_params)
+        release = release_reward(env_reward, values, self.offroad_termination_reward)
+        acc.add(env_reward, values, rewards, release, obs_before)
+        episodes.obs = obs
+        if filming is not None:
+            filming.step_frames(infos, values, rewards, episodes)
+        done = (terminated | truncated) & episodes.running
+        finished = episodes.finish(done, values)
+        for record in finished if filming is not None else ():
+            filming.recorder.finish(record.episode)
+        return done, finished
 
     def evaluate(
         self,

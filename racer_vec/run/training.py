@@ -22,10 +22,12 @@ from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig,
 from racer_vec.learner.agent import init_agent, make_learner, reset_agent
 from racer_vec.learner.devices import replicated_sharding
 from racer_vec.learner.replay import init_buffer, insert
-from racer_vec.run.checkpoints import Checkpointer, damage_warning
-from racer_vec.run.evaluation import STOP_SIGNALS, EvaluationInterrupted, Evaluator
+from racer_vec.run.checkpoint_files import damage_warning
+from racer_vec.run.checkpoints import Checkpointer
+from racer_vec.run.evaluation import EvaluationInterrupted, Evaluator
 from racer_vec.run.progress import ProgressDisplay
 from racer_vec.run.run_dir import RunDirectory
+from racer_vec.run.signals import ignore_stop_signals, stop_signals
 from racer_vec.sim import highway
 from racer_vec.sim.rewards import training_reward
 
@@ -150,10 +152,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        # Probing one env validates the env config (unknown keys, ids) before any worker starts.
-        probe = highway.make_env(cfg.env)
-        self.obs_dim = obs_dim = probe.observation_space.shape[0]
-        probe.close()
+        highway.check_env(cfg.env)
+        self.obs_dim = obs_dim = cfg.env.obs_dim
 
         self.learner = make_learner(
             cfg.agent,
@@ -211,30 +211,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- main loop
     def run(self) -> int:
-        cfg, c = self.cfg, self.counters
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
-        self.display = display = ProgressDisplay(total=cfg.max_steps, start=c.env_steps)
+        """Train up to max_steps, or until Ctrl-C or SIGTERM (then with a checkpoint, exit code 130)."""
+        c = self.counters
+        self.display = ProgressDisplay(total=self.cfg.max_steps, start=c.env_steps)
         try:
-            obs = self._reset_envs(seed=cfg.seed + c.env_steps)
-            tick = time.perf_counter()
-            while c.env_steps < cfg.max_steps and not self.interrupted:
-                if reset_due(cfg, c):
-                    self._reset_agent()
-                    tick = self._clock(tick, training=False)
-                try:
-                    obs = self.vector_step(obs)
-                except highway.WorkerFault as fault:
-                    tick = self._clock(tick, training=True)
-                    obs = self._replace_workers(fault)
-                    tick = self._clock(tick, training=False)
-                    continue
-                tick = self._clock(tick, training=True)
-                self._after_vector_step()
-                display.update(c, self.stored)
-                tick = self._clock(tick, training=False)
-            if self.last_logged_step != c.env_steps:
-                self._log()
-            self._checkpoint()
+            with stop_signals(self._on_signal):
+                self._train_loop()
+                if self.last_logged_step != c.env_steps:
+                    self._log()
+                self._checkpoint()
             if self.interrupted:
                 print(f"\ninterrupted: checkpoint at {c.env_steps} env steps in {self.run_dir}", flush=True)
                 return 130
@@ -243,9 +228,28 @@ class Trainer:
             print(f"\ntraining stopped: {exc}", file=sys.stderr, flush=True)
             return 1
         finally:
-            display.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self.display.close()
+
+    def _train_loop(self) -> None:
+        """Vector steps until max_steps or a stop signal, the schedule's work between them."""
+        cfg, c = self.cfg, self.counters
+        obs = self._reset_envs(seed=cfg.seed + c.env_steps)
+        tick = time.perf_counter()
+        while c.env_steps < cfg.max_steps and not self.interrupted:
+            if reset_due(cfg, c):
+                self._reset_agent()
+                tick = self._clock(tick, training=False)
+            try:
+                obs = self.vector_step(obs)
+            except highway.WorkerFault as fault:
+                tick = self._clock(tick, training=True)
+                obs = self._replace_workers(fault)
+                tick = self._clock(tick, training=False)
+                continue
+            tick = self._clock(tick, training=True)
+            self._after_vector_step()
+            self.display.update(c, self.stored)
+            tick = self._clock(tick, training=False)
 
     def _clock(self, tick: float, *, training: bool) -> float:
         """Add the time since `tick` to the wall time, and to the training time (SPS) if `training`."""
@@ -453,27 +457,17 @@ class Trainer:
             self.checkpointer.close()
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[-1][:300] if lines else type(exc).__name__
-
-
 def _stop_start_up(signum, frame):
     raise KeyboardInterrupt  # SIGTERM during start-up ends it like Ctrl-C: nothing to save yet
 
 
 def train(cfg: TrainConfig) -> int:
     """Run training to cfg.max_steps; returns the process exit code."""
-    original = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    signal.signal(signal.SIGTERM, _stop_start_up)
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        # a second Ctrl-C or SIGTERM must not cut short the clean-up it asks for (nothing left running)
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        trainer.close()
-        for s, handler in original.items():
-            signal.signal(s, handler)
+    with stop_signals(_stop_start_up, (signal.SIGTERM,)):
+        trainer = Trainer(cfg)
+        try:
+            trainer.setup()
+            return trainer.run()
+        finally:
+            ignore_stop_signals()  # nothing left running: a second Ctrl-C or SIGTERM waits for the clean-up
+            trainer.close()

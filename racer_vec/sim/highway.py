@@ -312,6 +312,19 @@ def make_env(
     return env
 
 
+def check_env(env_cfg: EnvConfig) -> None:
+    """Make one env and close it, before any worker starts: an unknown env id or config key raises
+    ConfigError here, and its observations must have `env_cfg.obs_dim` values (what the agent and the
+    buffer are built for)."""
+    env = make_env(env_cfg)
+    try:
+        shape = env.observation_space.shape
+    finally:
+        env.close()
+    if shape != (env_cfg.obs_dim,):
+        raise RuntimeError(f"{env_cfg.env_id}: observations of shape {shape}, expected ({env_cfg.obs_dim},)")
+
+
 def _worker_env(
     env_cfg: EnvConfig, seed: int | None, env_index: int, render_mode: str | None, wrapper
 ) -> gym.Env:

@@ -101,7 +101,7 @@ def learner_only(cfg: TrainConfig, warmup: float, seconds: float) -> dict:
 
     from racer_vec.learner.agent import init_agent, make_learner
 
-    obs_dim = cfg.env.observed_vehicles * 6
+    obs_dim = cfg.env.obs_dim
     learner = make_learner(
         cfg.agent, batch_size=cfg.batch_size, utd_ratio=cfg.utd_ratio, updates_per_iteration=cfg.updates_per_iteration
     )
