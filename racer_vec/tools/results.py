@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Callable, Union
 
 import tyro
 
@@ -175,33 +175,92 @@ def evaluation_label(result: dict) -> str:
     return ("release: " if summary.get("protocol") == "release" else "") + rule + on
 
 
-FIELDS = (
-    ("run", lambda r: r["run"]),
-    ("CVaR", lambda r: f"{r['cvar_risk']:g}"),
-    ("seed", lambda r: str(r["seed"])),
-    ("transitions", lambda r: kilo(r["env_steps"])),
-    ("evaluation", evaluation_label),
-    ("eval return", lambda r: f"{r['evaluation']['mean_return']:.1f} ± {r['evaluation']['std_return']:.1f}"),
-    ("eval speed [m/s]", lambda r: f"{r['evaluation']['mean_ego_speed']:.1f}"),
-    ("eval collisions", lambda r: f"{100 * r['evaluation']['collision_rate']:.0f}%"),
-    ("eval offroad", lambda r: f"{100 * r['evaluation']['offroad_episode_rate']:.0f}%"),
-    ("eval success", lambda r: f"{100 * r['evaluation']['success_rate']:.0f}%"),
-    ("train collisions", lambda r: f"{r['training']['train_collisions_total']:,}"),
-    ("transitions/s", lambda r: f"{r['training']['transitions_per_s']:.1f}"),
-    ("wall time", lambda r: f"{r['training']['wall_time_s'] / 3600:.2f} h"),
+# ---------------------------------------------------------------------------------------------
+# The table: label columns that name a row, then the measured columns
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A measured column of the results table."""
+
+    header: str
+    value: Callable[[dict], float | int | None]
+    """Its value in a results file (None: the file does not have it)."""
+    digits: int
+    """Digits after the point of a float (a count of one run shows as the integer it is)."""
+    unit: str = ""
+    spread: Callable[[dict], float | None] | None = None
+    """A run's own ± (the evaluation's std over episodes), shown in a row of one run."""
+
+
+def _field(*path: str, then: Callable | None = None) -> Callable[[dict], float | int | None]:
+    """The value at `path` in a results file (None where it has none), passed through `then`."""
+
+    def value(result: dict):
+        for key in path:
+            result = result.get(key) if isinstance(result, dict) else None
+        return result if result is None or then is None else then(result)
+
+    return value
+
+
+def _percent(fraction: float) -> float:
+    return 100 * fraction
+
+
+COLUMNS = (
+    Column("eval return", _field("evaluation", "mean_return"), 1, spread=_field("evaluation", "std_return")),
+    Column("eval speed [m/s]", _field("evaluation", "mean_ego_speed"), 1),
+    Column("eval collisions", _field("evaluation", "collision_rate", then=_percent), 0, "%"),
+    Column("eval offroad", _field("evaluation", "offroad_episode_rate", then=_percent), 0, "%"),
+    Column("eval success", _field("evaluation", "success_rate", then=_percent), 0, "%"),
+    Column("train collisions", _field("training", "train_collisions_total"), 1),
+    Column("transitions/s", _field("training", "transitions_per_s"), 1),
+    Column("wall time [h]", _field("training", "wall_time_s", then=lambda seconds: seconds / 3600), 2),
 )
+"""The measured columns of every results table: per run, per group of seeds, and the sweep's."""
 
 
-def release_cells(row: ReleaseRow, columns: tuple[str, ...]) -> list[str]:
-    """The release's row under `columns`, "—" where it published nothing."""
-    ret = f"{row.mean_return:.1f}" + ("" if row.std_return is None else f" ± {row.std_return:.1f}")
-    cells = {
-        "run": row.label, "runs": row.label, "preset": "the release", "transitions": kilo(RELEASE_STEPS),
-        "CVaR": "—" if row.cvar_risk is None else f"{row.cvar_risk:g}", "eval return": ret,
-        "eval speed [m/s]": f"{row.speed:.1f}", "train collisions": f"{row.train_collisions:,}",
-        "evaluation": "release: clip(mean), its env not established (design §11)",
-    }  # fmt: skip
-    return [cells.get(name, "—") for name in columns]
+def cell(mean: float | int | None, digits: int, unit: str = "", std: float | None = None) -> str:
+    """`mean ± std` (or the value alone), "—" for no value; a count of one run shows as its integer."""
+    if mean is None:
+        return "—"
+    text = f"{mean:,}" if isinstance(mean, int) else f"{mean:,.{digits}f}"
+    return text + ("" if std is None else f" ± {std:,.{digits}f}") + unit
+
+
+def seeds_cell(column: Column, group: list[dict]) -> str:
+    """The column over a group of runs: `mean ± std` over them (population std), the mean alone for one."""
+    values = [v for v in map(column.value, group) if v is not None]
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 if len(values) > 1 else None
+    return cell(mean, column.digits, column.unit, std)
+
+
+def run_cell(column: Column, group: list[dict]) -> str:
+    """The column of one run, with its own spread (the evaluation's std over episodes) where it has one."""
+    (result,) = group
+    spread = None if column.spread is None else column.spread(result)
+    return cell(column.value(result), column.digits, column.unit, spread)
+
+
+def seeds_text(group: list[dict]) -> str:
+    return ", ".join(str(r["seed"]) for r in group)
+
+
+def steps_text(group: list[dict]) -> str:
+    return "/".join(kilo(s) for s in sorted({r["env_steps"] for r in group}))
+
+
+def group_by_seed(items: list, key: Callable, seed: Callable = lambda r: r["seed"]) -> dict:
+    """key(item) -> the items that share it (everything but the seed), each group sorted by seed, in
+    the order of their first items."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return {k: sorted(group, key=seed) for k, group in groups.items()}
 
 
 def markdown_table(columns: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
@@ -209,16 +268,39 @@ def markdown_table(columns: list[str] | tuple[str, ...], rows: list[list[str]]) 
                      + ["| " + " | ".join(row) + " |" for row in rows])  # fmt: skip
 
 
-def markdown(fields: tuple, items: list, release: bool) -> str:
-    """A Markdown table: one row per item (each field's formatter applied), then the release's rows."""
-    columns = tuple(name for name, _ in fields)
-    rows = [[fmt(item) for _, fmt in fields] for item in items]
-    rows += [release_cells(row, columns) for row in RELEASE_ROWS] if release else []
-    return markdown_table(columns, rows)
+def results_table(
+    labels: list[str], rows: list[tuple[list[str], list[dict]]], *, per_run: bool = False, release: bool = False
+) -> str:
+    """The one results table: each row its label cells, then COLUMNS over its results files (over seeds,
+    or `per_run`, one file per row); a column no file has is left out (files written before it
+    existed). `release`: the release's rows below."""
+    results = [r for _, group in rows for r in group]
+    columns = [c for c in COLUMNS if not results or any(c.value(r) is not None for r in results)]
+    measure = run_cell if per_run else seeds_cell
+    body = [[*text, *(measure(c, group) for c in columns)] for text, group in rows]
+    header = [*labels, *(c.header for c in columns)]
+    body += [release_cells(row, header) for row in RELEASE_ROWS] if release else []
+    return markdown_table(header, body)
+
+
+def release_cells(row: ReleaseRow, header: list[str]) -> list[str]:
+    """The release's row under `header`, "—" where it published nothing."""
+    cells = {
+        "run": row.label, "runs": row.label, "preset": "the release", "transitions": kilo(RELEASE_STEPS),
+        "CVaR": "—" if row.cvar_risk is None else f"{row.cvar_risk:g}",
+        "eval return": cell(row.mean_return, 1, std=row.std_return), "eval speed [m/s]": cell(row.speed, 1),
+        "train collisions": cell(row.train_collisions, 0),
+        "evaluation": "release: clip(mean), its env not established (design §11)",
+    }  # fmt: skip
+    return [cells.get(name, "—") for name in header]
 
 
 def table(results: list[dict], release: bool = False) -> str:
-    return markdown(FIELDS, results, release)
+    """One row per results file."""
+    labels = ["run", "CVaR", "seed", "transitions", "evaluation"]
+    rows = [([r["run"], f"{r['cvar_risk']:g}", str(r["seed"]), kilo(r["env_steps"]), evaluation_label(r)], [r])
+            for r in results]  # fmt: skip
+    return results_table(labels, rows, per_run=True, release=release)
 
 
 BOOKKEEPING = {
@@ -228,42 +310,29 @@ BOOKKEEPING = {
 """Config fields that do not change what a run learns up to its evaluated step (or are the seed)."""
 
 
-def _mean(group: list[dict], get) -> float:
-    return float(sum(get(r) for r in group) / len(group))
-
-
-MEAN_FIELDS = (
-    ("preset", lambda g: g[0]["preset"]),
-    ("CVaR", lambda g: f"{g[0]['cvar_risk']:g}"),
-    ("transitions", lambda g: kilo(g[0]["env_steps"])),
-    ("seeds", lambda g: ", ".join(str(r["seed"]) for r in g)),
-    ("runs", lambda g: ", ".join(r["run"] for r in g)),
-    ("evaluation", lambda g: evaluation_label(g[0])),
-    ("eval return", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_return']):.1f}"),
-    ("eval speed [m/s]", lambda g: f"{_mean(g, lambda r: r['evaluation']['mean_ego_speed']):.1f}"),
-    ("eval collisions", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['collision_rate']):.0f}%"),
-    ("eval offroad", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['offroad_episode_rate']):.0f}%"),
-    ("eval success", lambda g: f"{100 * _mean(g, lambda r: r['evaluation']['success_rate']):.0f}%"),
-    ("train collisions", lambda g: f"{_mean(g, lambda r: r['training']['train_collisions_total']):,.1f}"),
-)
+def settings_key(result: dict) -> tuple:
+    """What a run's numbers depend on but its seed: preset, evaluated step, resolved settings, evaluation."""
+    try:  # fields added since the run was made take their defaults, as they would on a rerun
+        config = to_dict(from_dict(TrainConfig, result["config"]))
+    except (ConfigError, TypeError):
+        config = result["config"]
+    settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
+    return (result["preset"], result["env_steps"], result["cvar_risk"], evaluation_label(result),
+            json.dumps(settings, sort_keys=True))  # fmt: skip
 
 
 def seed_groups(results: list[dict]) -> list[list[dict]]:
-    """Results grouped by everything but the seed and bookkeeping: resolved settings and evaluated step."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        try:  # fields added since the run was made take their defaults, as they would on a rerun
-            config = to_dict(from_dict(TrainConfig, r["config"]))
-        except (ConfigError, TypeError):
-            config = r["config"]
-        settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
-        key = (r["preset"], r["env_steps"], r["cvar_risk"], evaluation_label(r), json.dumps(settings, sort_keys=True))
-        groups.setdefault(key, []).append(r)
-    return [sorted(groups[key], key=lambda r: r["seed"]) for key in sorted(groups)]
+    """Results grouped by everything but the seed and bookkeeping (settings_key), in its order."""
+    groups = group_by_seed(results, settings_key)
+    return [groups[key] for key in sorted(groups)]
 
 
 def mean_table(results: list[dict], release: bool = False) -> str:
-    return markdown(MEAN_FIELDS, seed_groups(results), release)
+    """One row per group of runs that differ only in seed: mean ± std over its seeds."""
+    labels = ["preset", "CVaR", "transitions", "seeds", "runs", "evaluation"]
+    rows = [([g[0]["preset"], f"{g[0]['cvar_risk']:g}", steps_text(g), seeds_text(g), ", ".join(r["run"] for r in g),
+              evaluation_label(g[0])], g) for g in seed_groups(results)]  # fmt: skip
+    return results_table(labels, rows, release=release)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,7 @@ import tyro
 import configs
 from racer_vec.run.train_cli import parse_train_args
 from racer_vec.config import ConfigError, TrainConfig, to_dict
-from racer_vec.tools.results import collect, kilo, markdown_table
+from racer_vec.tools.results import collect, group_by_seed, results_table, seeds_text, steps_text
 
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 SWEEP_FILE = "sweep.json"
@@ -1083,35 +1083,14 @@ def finish(args: SweepArgs, spec: dict, trials: dict[str, TrainConfig], results)
 # The report
 
 
-COLUMNS = (
-    # the results table's columns: header, value from a results file, digits, unit
-    ("eval return", lambda r: r["evaluation"]["mean_return"], 1, ""),
-    ("eval speed [m/s]", lambda r: r["evaluation"]["mean_ego_speed"], 1, ""),
-    ("eval collisions", lambda r: 100 * r["evaluation"]["collision_rate"], 0, "%"),
-    ("eval success", lambda r: 100 * r["evaluation"]["success_rate"], 0, "%"),
-    ("train collisions", lambda r: r["training"]["train_collisions_total"], 1, ""),
-    ("transitions/s", lambda r: r["training"]["transitions_per_s"], 1, ""),
-    ("wall time [h]", lambda r: r["training"]["wall_time_s"] / 3600, 2, ""),
-)
-
-
-def mean_std(values: list[float], digits: int, unit: str) -> str:
-    """`mean ± std` over seeds (population std), or the value alone for one seed."""
-    n = len(values)
-    mean = sum(values) / n
-    if n == 1:
-        return f"{mean:.{digits}f}{unit}"
-    std = (sum((v - mean) ** 2 for v in values) / n) ** 0.5
-    return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
-
-
 def grid_points(spec: dict, records: list[tuple[dict, dict]]) -> list[tuple[dict, list[dict]]]:
     """[(grid point without seed, its results files sorted by seed)], in the grid's order."""
-    groups: dict[str, tuple[dict, list[dict]]] = {}
-    for config, record in records:
-        point = {k: v for k, v in config.items() if k != "seed"}
-        groups.setdefault(json.dumps(point, sort_keys=True), (point, []))[1].append(record)
-    return [(point, sorted(group, key=lambda r: r["seed"])) for point, group in groups.values()]
+
+    def point(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k != "seed"}
+
+    groups = group_by_seed(records, lambda item: json.dumps(point(item[0]), sort_keys=True), lambda item: item[1]["seed"])
+    return [(point(group[0][0]), [record for _, record in group]) for group in groups.values()]
 
 
 def _point_label(point: dict, path: str) -> str:
@@ -1124,15 +1103,9 @@ def sweep_table(spec: dict, records: list[tuple[dict, dict]], episodes: int) -> 
     """One row per grid point: its values, seeds, transitions, then the results table's columns as
     mean ± std over its seeds."""
     keys = [path for path, _ in spec["grid"]]
-    header = [_point_label(dict.fromkeys(keys), k) for k in keys] or ["preset"]
-    header += ["seeds", "transitions", *(name for name, *_ in COLUMNS)]
-    rows = []
-    for point, group in grid_points(spec, records):
-        cells = [str(point[k]) for k in keys] or [spec["preset"]]
-        steps = sorted({r["env_steps"] for r in group})
-        cells += [", ".join(str(r["seed"]) for r in group), "/".join(kilo(s) for s in steps)]
-        cells += [mean_std([get(r) for r in group], digits, unit) for _, get, digits, unit in COLUMNS]
-        rows.append(cells)
+    labels = [*([_point_label(dict.fromkeys(keys), k) for k in keys] or ["preset"]), "seeds", "transitions"]
+    rows = [([*([str(point[k]) for k in keys] or [spec["preset"]]), seeds_text(group), steps_text(group)], group)
+            for point, group in grid_points(spec, records)]  # fmt: skip
     seeds = ", ".join(map(str, spec["seeds"]))
     caption = (
         f"Sweep `{spec['name']}` (preset `{spec['preset']}`, seeds {seeds}): per grid point, mean ± std over its "
@@ -1140,7 +1113,7 @@ def sweep_table(spec: dict, records: list[tuple[dict, dict]], episodes: int) -> 
         f"actions, episode seeds 0-{episodes - 1}); train collisions, transitions/s and wall time are the "
         f"training runs'."
     )
-    return caption + "\n\n" + markdown_table(header, rows)
+    return caption + "\n\n" + results_table(labels, rows)
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:
