@@ -3,6 +3,7 @@ highway-env internals the fast simulator replicates."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -233,6 +234,29 @@ def _run_lockstep(preset, overrides, seed, policy, steps, fast_id=None) -> set[s
 def test_episodes_are_bit_identical(preset, overrides, seed, policy, steps, expected):
     events = _run_lockstep(preset, overrides, seed, policy, steps)
     assert expected <= events, f"the episode did not exercise {expected - events}"
+
+
+@pytest.mark.slow  # the stock simulator's 50 vehicles: ~4 s on an idle 2-core machine
+def test_a_racer_highway_episode_through_the_env_layer_is_bit_identical():
+    """The training scene (racer_highway, 50 vehicles) through make_env's env layer over each
+    simulator, with seeded random actions, to the episode's end (the layer's offroad termination)."""
+    from racer_vec.sim.highway import make_env
+
+    env_cfg = configs.PRESETS["racer_highway"].env
+    assert env_cfg.vehicles_count == 50
+    stock, fast = (make_env(dataclasses.replace(env_cfg, fast_sim=f), seed=3) for f in (False, True))
+    _assert_identical(stock.reset(seed=3)[0], fast.reset(seed=3)[0], "reset obs")
+    rng = np.random.default_rng(3)
+    for t in range(200):
+        action = rng.uniform(-1, 1, 2).astype(np.float32)
+        out, fast_out = stock.step(action), fast.step(action)
+        for name, a, b in zip(("obs", "reward", "terminated", "truncated", "info"), out, fast_out):
+            _assert_identical(a, b, f"step {t} {name}")
+        if out[2] or out[3]:
+            break
+    stock.close()
+    fast.close()
+    assert out[2], "random actions lead offroad within 200 steps"
 
 
 def test_unsupported_settings_fall_back_to_stock_and_stay_identical():
