@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -478,8 +479,14 @@ def case(request) -> Case:
     )  # fmt: skip
 
     learner = racer.make_learner(cfg, batch_size=BATCH, utd_ratio=UTD, updates_per_iteration=1)
+    layout_before = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), agent)
     new_agent, metrics = learner.iteration(agent, buffer)  # donates `agent`
-    assert np.array_equal(np.asarray(new_agent.key), next_key), "the key replication does not match the update's"
+    # the update's boundary: the agent keeps its pytree, shapes and dtypes; the metrics are scalars
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_agent, layout_before)
+    chex.assert_shape(list(metrics.values()), ())
+    chex.assert_type([metrics[name] for name in racer.METRICS], jnp.float32)
+    chex.assert_trees_all_equal(new_agent.key, next_key, strict=True,
+                                custom_message="the key replication does not match the update's")  # fmt: skip
     assert int(new_agent.updates) == 1 and bool(metrics["finite"])
     got = {
         "actor": np.asarray(new_agent.actor.params), "critic": np.asarray(new_agent.critic.params),
@@ -498,19 +505,13 @@ def case(request) -> Case:
 #
 # Tolerances: the jitted update runs in float32, the reference in float64 on the same float32
 # inputs. Parameters are compared as steps (new - old), each array against its own largest step,
-# so an error in a step cannot hide behind the parameter's magnitude.
+# so an error in a step cannot hide behind the parameter's magnitude: an absolute tolerance, a
+# fraction of that largest step (chex.assert_trees_all_close with rtol 0, which names the first
+# parameter array, as its path in the network's tree, where it is exceeded).
 
 STEP_RTOL = 1e-3  # of the array's largest |step|; float32 rounding stays below ~1.5e-4
 MOMENT_RTOL = 1e-3  # of the array's largest |mu| (|nu|)
 METRIC_RTOL, METRIC_ATOL = 1e-4, 1e-5
-
-
-def worst_leaves(layout, error, scale):
-    """Names of the parameter arrays whose error exceeds the tolerance, for the failure message."""
-    paths = jax.tree_util.tree_flatten_with_path(unflatten(layout, error))[0]
-    return [
-        f"{jax.tree_util.keystr(path)}: {np.max(leaf):.2g}" for path, leaf in paths if np.max(leaf) > STEP_RTOL * scale
-    ]
 
 
 def assert_step(name, got, expected, before, layout=None):
@@ -518,11 +519,9 @@ def assert_step(name, got, expected, before, layout=None):
     expected_step = np.asarray(expected, np.float64) - before
     scale = np.max(np.abs(expected_step))
     assert scale > 0, name
-    error = np.abs(got_step - expected_step)
-    worst = float(np.max(error))
-    if worst > STEP_RTOL * scale:
-        where = f" in {worst_leaves(layout, error, scale)}" if layout is not None else ""
-        pytest.fail(f"{name}: step error {worst:.3g} vs largest step {scale:.3g}{where}")
+    tree = (lambda flat: unflatten(layout, flat)) if layout is not None else (lambda x: x)  # noqa: E731
+    chex.assert_trees_all_close(tree(got_step), tree(expected_step), rtol=0.0, atol=STEP_RTOL * scale,
+                                custom_message=f"{name}: step error vs largest step {scale:.3g}")  # fmt: skip
 
 
 def assert_moments(name, got, expected):
@@ -530,9 +529,9 @@ def assert_moments(name, got, expected):
     count, mu, nu = expected
     assert got_count == count, name
     for moment, g, e in (("mu", got_mu, mu), ("nu", got_nu, nu)):
-        error, scale = float(np.max(np.abs(np.asarray(g, np.float64) - e))), float(np.max(np.abs(e)))
-        if error > MOMENT_RTOL * scale:
-            pytest.fail(f"{name}.{moment}: error {error:.3g} vs largest |{moment}| {scale:.3g}")
+        scale = float(np.max(np.abs(e)))
+        chex.assert_trees_all_close(np.asarray(g, np.float64), e, rtol=0.0, atol=MOMENT_RTOL * scale,
+                                    custom_message=f"{name}.{moment} vs largest |{moment}| {scale:.3g}")  # fmt: skip
 
 
 def test_critic_members_and_their_adamw_state(case):
@@ -567,6 +566,8 @@ def test_scalar_parameters(case, name):
 def test_metrics(case):
     got, expected = case.got_metrics, case.expected_metrics
     assert set(got) == set(racer.METRICS) == set(expected)
+    chex.assert_tree_all_finite(expected)
+    # every mismatch at once (chex.assert_trees_all_close would stop at the first)
     mismatched = {
         name: (got[name], float(expected[name]))
         for name in racer.METRICS
