@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import configs
-from racer_vec.tools import benchmark
+from racer_vec import benchmark
 
 
 @pytest.fixture

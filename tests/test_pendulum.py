@@ -4,8 +4,8 @@ measured in the README; here the harness: episodes, evaluation, reward scale, ba
 import numpy as np
 import pytest
 
-from racer_vec.tools import pendulum
-from racer_vec.tools.pendulum import PendulumArgs
+from racer_vec import pendulum
+from racer_vec.pendulum import PendulumArgs
 
 TINY = PendulumArgs(steps=450, start_training=200, batch_size=32, hidden_dims=(16, 16), eval_interval=400,
                     eval_episodes=1)  # fmt: skip

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from racer_vec.tools import plot
+from racer_vec import plot
 
 
 def png_size(path) -> tuple[int, int]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from racer_vec.tools import plot, results
+from racer_vec import plot, results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -10,7 +10,7 @@ import pytest
 import configs
 from racer_vec.config import RewardConfig, RewardParams
 from racer_vec.sim.highway import make_env
-from racer_vec.rewards import collision_risk, training_reward
+from racer_vec.sim.rewards import collision_risk, training_reward
 
 V = 15
 

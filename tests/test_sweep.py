@@ -15,7 +15,9 @@ import psutil
 import pytest
 
 from conftest import ROOT, TINY_ARGS
-from racer_vec.tools import sweep
+from racer_vec.sweep import cli, grid, report, trial
+from racer_vec.sweep.__main__ import main
+from racer_vec.sweep.sweep_dir import open_sweep, plan_sweep
 from racer_vec.config import ConfigError
 
 # TINY_ARGS without the preset and the flags the sweep sets; no periodic evaluation, no wandb
@@ -27,8 +29,8 @@ TRAIN_FLAGS = [
 
 
 def _plan(tmp_path, *argv):
-    args, line = sweep.parse_command_line(list(argv))
-    return sweep.plan_sweep(args, line, list(argv))
+    args, line = cli.parse_command_line(list(argv))
+    return plan_sweep(args, line, list(argv))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,13 +38,13 @@ def _plan(tmp_path, *argv):
 
 
 def test_command_line_splits_sweep_flags_from_train_flags():
-    line = sweep.split_command_line(
+    line = cli.split_command_line(
         ["highway_fast", "--grid", "agent.cvar_risk=0,0.5", "--max-steps", "400", "--grid=num_envs=1,2",
          "--seeds", "0", "1", "--agent.hidden-dims", "32", "32", "--no-final-report", "--cpus_per_trial", "1"]
     )  # fmt: skip
     assert line.preset == "highway_fast"
     assert line.train_args == ["--max-steps", "400", "--agent.hidden-dims", "32", "32"]
-    args, _ = sweep.parse_command_line(["--grid", "a=1", "--grid", "b=2", "--seeds", "3", "4", "--no-final-report"])
+    args, _ = cli.parse_command_line(["--grid", "a=1", "--grid", "b=2", "--seeds", "3", "4", "--no-final-report"])
     assert args.grid == ("a=1", "b=2") and args.seeds == (3, 4) and args.final_report is False
     assert {"grid", "seeds", "final_report", "cpus_per_trial"} <= line.given
 
@@ -56,28 +58,28 @@ def test_grid_is_a_product_of_named_trials_run_by_train_py_flags(tmp_path):
     names = [t["name"] for t in spec["trials"]]
     assert len(names) == len(set(names)) == 8
     assert "cvar_risk=0.5_fast_sim=false_seed=1" in names
-    trials = sweep.validate_trials(spec)
+    trials = grid.validate_trials(spec)
     cfg = trials["cvar_risk=0.5_fast_sim=false_seed=1"]
     assert (cfg.agent.cvar_risk, cfg.env.fast_sim, cfg.seed, cfg.max_steps) == (0.5, False, 1, 400)
     assert (cfg.run_name, cfg.runs_dir) == ("cvar_risk=0.5_fast_sim=false_seed=1", str(sweep_dir))
-    assert sweep.trial_cpus(spec, cfg) == cfg.num_envs + 1 == 3
-    assert sweep.trial_cpus({**spec, "cpus_per_trial": 1.0}, cfg) == 1.0
-    assert sweep.grid_flags("agent.hidden_dims", "64 64") == ["--agent.hidden-dims", "64", "64"]
-    assert sweep.grid_flags("save_buffer", "false") == ["--no-save-buffer"]
+    assert grid.trial_cpus(spec, cfg) == cfg.num_envs + 1 == 3
+    assert grid.trial_cpus({**spec, "cpus_per_trial": 1.0}, cfg) == 1.0
+    assert grid.grid_flags("agent.hidden_dims", "64 64") == ["--agent.hidden-dims", "64", "64"]
+    assert grid.grid_flags("save_buffer", "false") == ["--no-save-buffer"]
 
 
 def test_gpu_share_reaches_the_trial_environment():
-    assert sweep.trial_environment(0, {}, "runs/s/t")["JAX_PLATFORMS"] == "cpu"
-    assert sweep.trial_environment(0, {}, "runs/s/t")[sweep.TRIAL_ENV] == "runs/s/t"
-    env = sweep.trial_environment(0.5, {})
+    assert trial.trial_environment(0, {}, "runs/s/t")["JAX_PLATFORMS"] == "cpu"
+    assert trial.trial_environment(0, {}, "runs/s/t")[trial.TRIAL_ENV] == "runs/s/t"
+    env = trial.trial_environment(0.5, {})
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.375" and "JAX_PLATFORMS" not in env
-    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in sweep.trial_environment(1, {})
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in trial.trial_environment(1, {})
 
 
 def test_metrics_tail_reports_complete_lines_once(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"env_steps": 100}\n')
-    tail = sweep.MetricsTail(path)  # starts at the end: an earlier attempt's lines are not reported again
+    tail = trial.MetricsTail(path)  # starts at the end: an earlier attempt's lines are not reported again
     with open(path, "a") as f:
         f.write('{"env_steps": 200}\n{"env_ste')
     assert tail.read() == [{"env_steps": 200}]
@@ -95,7 +97,7 @@ def test_table_is_mean_and_std_over_seeds():
         return {"agent.cvar_risk": risk, "seed": seed}, {
             "seed": seed, "env_steps": 120_000, "evaluation": evaluation, "training": training}  # fmt: skip
 
-    table = sweep.sweep_table(spec, [record("0", 0, 50.0, 10), record("0", 1, 60.0, 20), record("0.5", 0, 55.0, 5)], 50)
+    table = report.sweep_table(spec, [record("0", 0, 50.0, 10), record("0", 1, 60.0, 20), record("0.5", 0, 55.0, 5)], 50)
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| cvar_risk | seeds | transitions | eval return |")
     assert rows[1] == (
@@ -118,7 +120,7 @@ def test_table_is_mean_and_std_over_seeds():
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_ray(tmp_path, capsys, argv, says):
-    code = sweep.main(["highway_fast", "--runs-dir", str(tmp_path), "--sweep-name", "s", *argv])
+    code = main(["highway_fast", "--runs-dir", str(tmp_path), "--sweep-name", "s", *argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err, err
     assert not (tmp_path / "s").exists()
@@ -133,7 +135,43 @@ def test_existing_sweep_directory_needs_resume(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "exists: continue that sweep with --resume" in result.stderr
     with pytest.raises(ConfigError, match="not a sweep directory"):
-        sweep.open_sweep(tmp_path / "s", sweep.split_command_line([]), "--resume")
+        open_sweep(tmp_path / "s", cli.split_command_line([]), "--resume")
+
+
+def _supervise(worker: int, *command: str, **popen) -> subprocess.Popen:
+    lock_r, lock_w = os.pipe()  # any open descriptor stands in for the trial's lock
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-P", "-m", trial.SUPERVISOR, str(worker), str(lock_r), *command], pass_fds=(lock_r,),
+            cwd=ROOT, **popen,
+        )  # fmt: skip
+    finally:
+        os.close(lock_r)
+        os.close(lock_w)
+
+
+def test_supervisor_passes_on_exit_codes_and_signals():
+    assert _supervise(os.getpid(), "-c", "import sys; sys.exit(3)").wait(timeout=30) == 3
+    assert _supervise(1, "-c", "import sys; sys.exit(3)").wait(timeout=30) == 143  # not its parent: gone already
+    child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); print('up', flush=True)"
+    child += "; time.sleep(60)"
+    proc = _supervise(os.getpid(), "-c", child, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+
+
+def test_supervisor_imports_only_the_standard_library():
+    """It runs before it is tied to its Ray worker: what it imports on the way must be light."""
+    code = """
+import sys
+before = set(sys.modules)
+import racer_vec.sweep.supervisor
+new = sorted(set(sys.modules) - before)
+print(sorted({m.split(".")[0] for m in new} - set(sys.stdlib_module_names)), [m for m in new if "racer_vec" in m])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "['racer_vec'] ['racer_vec', 'racer_vec.sweep', 'racer_vec.sweep.supervisor']", out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +186,7 @@ def _leftovers(sid: int, sweep_dir: Path) -> list[str]:
         try:
             if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
                 continue
-            if os.getsid(proc.pid) == sid or proc.environ().get(sweep.TRIAL_ENV, "").startswith(str(sweep_dir)):
+            if os.getsid(proc.pid) == sid or proc.environ().get(trial.TRIAL_ENV, "").startswith(str(sweep_dir)):
                 found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or ())[:120]}")
         except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied, PermissionError):
             pass
@@ -229,14 +267,14 @@ def scenario(tmp_path_factory):
 
     proc, log = _start(tmp, "first", *argv)
     with _stopped_on_failure(proc):
-        _wait_for(proc, log, lambda: sweep.latest_step(long_dir) == 200 and _train_py(LONG) is not None, "a checkpoint")
+        _wait_for(proc, log, lambda: trial.latest_step(long_dir) == 200 and _train_py(LONG) is not None, "a checkpoint")
         killed_at = max(m["env_steps"] for m in _metrics(long_dir))
         _train_py(LONG).kill()
         _wait_for(proc, log, lambda: f"{SHORT}: TERMINATED" in log.read_text() and retried(), "the retry to train on")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the sweep's process group
         first_code = proc.wait(timeout=120)
     first = {"code": first_code, "out": log.read_text(), "left": _wait_gone(proc.pid, sweep_dir),
-             "interrupted_at": sweep.latest_step(long_dir), "killed_at": killed_at}  # fmt: skip
+             "interrupted_at": trial.latest_step(long_dir), "killed_at": killed_at}  # fmt: skip
 
     proc, log = _start(tmp, "resumed", "--resume", str(sweep_dir), "--report-episodes", "2", "--report-workers", "2")
     with _stopped_on_failure(proc):
@@ -270,7 +308,7 @@ def test_interrupted_sweep_checkpoints_and_resume_finishes_only_the_unfinished_t
     assert f"{SHORT}: RUNNING" not in resumed["out"]
     assert _sessions(sweep_dir / SHORT) == [0]
     assert _sessions(sweep_dir / LONG) == [0, 200, first["interrupted_at"]]
-    assert sweep.latest_step(sweep_dir / SHORT) == 300 and sweep.latest_step(sweep_dir / LONG) == 800
+    assert trial.latest_step(sweep_dir / SHORT) == 300 and trial.latest_step(sweep_dir / LONG) == 800
 
 
 @pytest.mark.slow
