@@ -174,7 +174,7 @@ def test_baseline_with_1_and_3_workers_videos_and_json(tmp_path, capsys):
 
     report = json.loads((filmed / "evaluation_metrics.json").read_text())
     assert set(report) >= {"summary", "episodes", "config"}
-    assert report["config"]["train"]["env"]["duration"] == 2
+    assert report["config"]["env"]["duration"] == 2 and report["config"]["train"]["env"]["duration"] == 40
     summary = report["summary"]
     assert format_summary(summary) in out
     printed = re.search(r"Mean Return: (\S+) ± (\S+)", out)

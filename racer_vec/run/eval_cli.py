@@ -320,6 +320,8 @@ def write_metrics(args: EvalArgs, target: Target, episodes: list[EpisodeRecord],
             "evaluation": {**dataclasses.asdict(args), "num_episodes": len(episodes), "num_workers_used": num_workers},
             "checkpoint": checkpoint,
             "train": to_dict(target.cfg),
+            # the env the episodes ran on: the config's, or --preset's, with --duration applied
+            "env": to_dict(target.env_cfg),
         },
     }
     target.output_dir.mkdir(parents=True, exist_ok=True)
