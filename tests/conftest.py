@@ -58,3 +58,11 @@ def tiny_run(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return runs_dir / "tiny"
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the tiny run is a real run: slow, whatever its own marks say (the quick
+    subset, `make test-quick`, stays near a minute)."""
+    for item in items:
+        if "tiny_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

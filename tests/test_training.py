@@ -277,6 +277,7 @@ def test_run_past_its_restart_limit_stops_with_a_checkpoint(tmp_path):
     assert Checkpointer(tmp_path / "long" / "checkpoints", keep=5).latest_step() is not None
 
 
+@pytest.mark.slow  # a real run
 def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
     """Replay each worker's env in-process with the buffer's actions: every stored row must match."""
     from conftest import TINY_ARGS as args
@@ -447,6 +448,7 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
         trainer.close()
 
 
+@pytest.mark.slow  # a real run
 def test_no_update_before_the_buffer_holds_a_transition(tmp_path):
     trainer = _trainer(tmp_path, "--eval-interval", "0", "--start-training", "0", "--batch-size", "2")
     try:
