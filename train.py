@@ -10,9 +10,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_train_args(argv)
+        from racer_vec.run.run_dir import RunDirectory
+
+        # before JAX and any worker: a run another process trains in, or a place that cannot be
+        # written, is one line and exit 2 at once (design §8)
+        directory = RunDirectory(cfg)
+        directory.lock()
         from racer_vec.run.training import train
 
-        return train(cfg)
+        return train(cfg, directory)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

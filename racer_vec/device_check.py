@@ -35,6 +35,7 @@ import tyro
 import configs
 from racer_vec import benchmark
 from racer_vec.config import ConfigError, resolve
+from racer_vec.run.jsonl import read_jsonl
 from racer_vec.run.provenance import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def band(run: dict[int, dict], references: list[dict[int, dict]], last_step: int
 
 def _curve(path: Path) -> dict[int, dict]:
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
     else:
         rows = json.loads(path.read_text())["curve"]
     return {row["env_steps"]: row for row in rows}

@@ -18,6 +18,7 @@ collision rate are the trainer's own EMAs (weight 0.01 per vector step and per f
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ import tyro
 
 from racer_vec.config import ConfigError
 from racer_vec.results import RELEASE_ROWS, RELEASE_STEPS, read_json
+from racer_vec.run.jsonl import read_jsonl
+from racer_vec.run.write_failures import WriteFailed, check_output_file, write_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +77,7 @@ def load_run(run_dir: Path) -> Run:
         raise ConfigError(f"{run_dir}: not a directory")
     if not metrics_path.is_file():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (not a run directory, or the run logged nothing yet)")
-    metrics = []
-    lines = metrics_path.read_text().splitlines()
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            metrics.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves a torn last line; anything earlier is corruption.
-            if line_no == len(lines):
-                break
-            raise ConfigError(f"{metrics_path}:{line_no}: not valid JSON") from None
+    metrics = read_jsonl(metrics_path)  # a torn line (a run killed mid-write) is skipped with a warning
     if not metrics:
         raise ConfigError(f"{metrics_path}: empty (the run logged nothing yet)")
     try:
@@ -212,9 +204,7 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
         + ("\n★: a results file's evaluation by evaluate.py (stochastic actions)" if stars else ""),
         fontsize=12,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    save_figure(fig, output)
     return output
 
 
@@ -319,10 +309,19 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     fig.suptitle((title or "Speed and return against training collisions: up and left is better")
                  + ("\nlines join one run's evaluations as it trains on" if paths else ""),
                  fontsize=12)  # fmt: skip
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    save_figure(fig, output)
     return output
+
+
+def save_figure(fig, output: Path) -> None:
+    """The figure as a PNG, written beside an older `output` and renamed over it (WriteFailed names
+    `output` when that fails, and the older file stays as it was)."""
+    import matplotlib.pyplot as plt
+
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    plt.close(fig)
+    write_atomically(output, image.getvalue())
 
 
 def percent_limits(lo: float, hi: float, min_span: float = 10.0, pad: float = 1.0) -> tuple[float, float]:
@@ -348,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--smooth must be at least 1, got {args.smooth}")
         if args.output.suffix.lower() != ".png":
             raise ConfigError(f"--output {args.output}: must end in .png")
+        check_output_file("--output", args.output)
         if args.tradeoff:
             records = [read_json(Path(f), "results file") for f in args.runs]
             path = plot_tradeoff(records, args.output, title=args.title)
@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WriteFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 

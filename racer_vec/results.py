@@ -24,6 +24,8 @@ from typing import Annotated, Callable, Union
 import tyro
 
 from racer_vec.config import ConfigError, TrainConfig, from_dict, to_dict
+from racer_vec.run.jsonl import read_jsonl
+from racer_vec.run.write_failures import WriteFailed, check_output_file, write_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,18 +85,6 @@ def read_json(path: Path, what: str):
         raise ConfigError(f"{path}: unreadable {what} ({exc})") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a killed run
-    return rows
-
-
 CURVE_KEYS = (
     "env_steps", "updates", "sps", "episode_return_mean", "episode_training_return_mean", "episode_length_mean",
     "speed_ema", "collision_ema", "train_collisions_total", "offroad_terminations_total", "episodes_total",
@@ -126,13 +116,13 @@ def collect(run_dir: Path, evaluation_file: Path, notes: str | None = None) -> d
         raise ConfigError(f"{evaluation_file}: evaluates {checkpoint['directory']}, not a checkpoint of {run_dir}")
 
     # A resumed run may log a step twice (after an interruption); the later line is the one kept.
-    metrics = {m["env_steps"]: m for m in _read_jsonl(run_dir / "metrics.jsonl")}
+    metrics = {m["env_steps"]: m for m in read_jsonl(run_dir / "metrics.jsonl")}
     logged = [s for s in metrics if s <= step]
     if not logged:
         raise ConfigError(f"{run_dir}/metrics.jsonl: no line at or before the evaluated step {step}")
     at_step = metrics[max(logged)]
     train_time = at_step["env_steps"] / at_step["sps"] if at_step.get("sps") else None
-    sessions = [s for s in _read_jsonl(run_dir / "run_info.jsonl") if s.get("env_steps", 0) < step]
+    sessions = [s for s in read_jsonl(run_dir / "run_info.jsonl") if s.get("env_steps", 0) < step]
     return {
         "run": config.get("run_name") or run_dir.resolve().name,
         "preset": config["preset"],
@@ -343,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if isinstance(command, Collect):
+            if command.output is not None:
+                check_output_file("--output", command.output)
             result = collect(command.run, command.evaluation, command.notes)
             output = command.output or Path("results") / f"{result['run']}_{result['env_steps']}.json"
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(result, indent=2) + "\n")
+            write_atomically(output, json.dumps(result, indent=2) + "\n")
             print(f"wrote {output}")
         else:
             if not command.files and not command.release:
@@ -357,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WriteFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

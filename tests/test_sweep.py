@@ -161,17 +161,19 @@ def test_supervisor_passes_on_exit_codes_and_signals():
     assert proc.wait(timeout=30) == 7
 
 
-def test_supervisor_imports_only_the_standard_library():
-    """It runs before it is tied to its Ray worker: what it imports on the way must be light."""
-    code = """
+@pytest.mark.parametrize("module", ["supervisor", "watchdog"])
+def test_supervisor_and_watchdog_import_only_the_standard_library(module):
+    """The supervisor runs before it is tied to its Ray worker, the watchdog beside the sweep: what
+    they import on the way must be light."""
+    code = f"""
 import sys
 before = set(sys.modules)
-import racer_vec.sweep.supervisor
+import racer_vec.sweep.{module}
 new = sorted(set(sys.modules) - before)
-print(sorted({m.split(".")[0] for m in new} - set(sys.stdlib_module_names)), [m for m in new if "racer_vec" in m])
+print(sorted({{m.split(".")[0] for m in new}} - set(sys.stdlib_module_names)), [m for m in new if "racer_vec" in m])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert out.stdout.strip() == "['racer_vec'] ['racer_vec', 'racer_vec.sweep', 'racer_vec.sweep.supervisor']", out
+    assert out.stdout.strip() == f"['racer_vec'] ['racer_vec', 'racer_vec.sweep', 'racer_vec.sweep.{module}']", out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,3 +331,39 @@ def test_finished_sweep_has_its_table_results_and_plot(scenario):
 def test_no_ray_or_trial_process_is_left(scenario):
     _, first, resumed = scenario
     assert first["left"] == [] and resumed["left"] == []
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Live processes whose command line names `text` (the sweep's watchdog names its directory)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(proc.info["cmdline"] or ()):
+                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'])[:120]}")
+    return found
+
+
+@pytest.mark.slow
+def test_a_resume_beside_a_trial_is_refused_and_a_killed_sweep_leaves_no_process(tmp_path):
+    sweep_dir = tmp_path / "runs" / "killed"
+    run_dir = sweep_dir / "seed=0"
+    argv = ["highway_fast", "--seeds", "0", "--sweep-name", "killed", "--cpus-per-trial", "1", *TRAIN_FLAGS,
+            "--max-steps", "100000"]  # fmt: skip
+    proc, log = _start(tmp_path, "killed", *argv)
+    with _stopped_on_failure(proc):
+        _wait_for(proc, log, lambda: trial.latest_step(run_dir) == 200 and _train_py("seed=0") is not None, "a checkpoint")
+        # one writer per run: a manual resume beside the live trial is refused, naming its train.py
+        manual = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir)],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        holder = _train_py("seed=0").pid
+        assert manual.returncode == 2 and f"{run_dir} is in use: process {holder} trains in it" in manual.stderr
+        assert manual.stderr.count("\n") == 1, manual.stderr
+        os.kill(proc.pid, signal.SIGKILL)  # the sweep alone (the OOM killer's way), not its process group
+        proc.wait()
+    # its watchdog ends Ray's processes and the trial, which checkpoints on SIGTERM
+    assert _wait_gone(proc.pid, sweep_dir, timeout=20) == []
+    deadline = time.time() + 10
+    while _processes_naming(str(sweep_dir)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _processes_naming(str(sweep_dir)) == []
+    assert trial.latest_step(run_dir) >= max(m["env_steps"] for m in _metrics(run_dir))  # a final checkpoint

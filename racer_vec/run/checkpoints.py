@@ -8,7 +8,9 @@ also finds the steps and checks them without JAX).
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -17,9 +19,23 @@ import orbax.checkpoint as ocp
 from racer_vec.config import ConfigError
 from racer_vec.run import checkpoint_files
 from racer_vec.run.checkpoint_files import ITEMS, DamagedCheckpoint, first_intact, first_line, verify
+from racer_vec.run.write_failures import WriteFailed, os_error_code, os_error_reason
 
 # orbax logs every save at INFO through absl; a training run's output is its own progress.
 logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+class _QuietWriteFailures(logging.Filter):
+    """A failed write (a full disk, say) is logged by orbax's threads and asyncio's tasks with a
+    traceback each, before the save raises it; Checkpointer.save reports it in one line (design §10)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return os_error_code(exc) is None and "os_error_code=" not in record.getMessage()
+
+
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_QuietWriteFailures())
 
 
 class Checkpointer:
@@ -27,17 +43,50 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+        self.failed: int | None = None
+        """The step whose save failed (a full disk, say)."""
 
     def latest_step(self) -> int | None:
         return next(iter(self.steps()), None)
 
     def save(self, step: int, agent, state: dict, buffer=None) -> None:
+        """Save `step`; WriteFailed naming it when a write fails (a full disk, say): what it had
+        written is removed, the steps before it stay as they were (design §10)."""
         items = {"agent": ocp.args.StandardSave(agent), "state": ocp.args.JsonSave(state)}
         if buffer is not None:
             items["buffer"] = ocp.args.StandardSave(buffer)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
-        checkpoint_files.write_manifest(self.directory / str(step))
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self.manager.wait_until_finished()
+            checkpoint_files.write_manifest(self.directory / str(step))
+        except Exception as exc:  # tensorstore's write errors are ValueErrors that name the OS error
+            if os_error_code(exc) is None:
+                raise  # not a failed write: an error of ours, with its traceback
+            self._failed_save(step)
+            raise WriteFailed(self.directory / str(step), os_error_reason(exc)) from None
+
+    def _failed_save(self, step: int) -> None:
+        """After a failed save, the step's partial files are removed (orbax writes a step under a
+        temporary name)."""
+        self.failed = step
+        self._remove_partial()
+        (self.directory / str(step) / f"{checkpoint_files.MANIFEST}.tmp").unlink(missing_ok=True)
+
+    def _remove_partial(self, settle: float = 0.5, timeout: float = 5.0) -> None:
+        """Remove the failed step's temporary directory, until it stays gone for `settle` s: the
+        writes still in flight when the save failed recreate what they write into."""
+        deadline, gone_since = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            partial = list(self.directory.glob(f"{self.failed}.orbax-checkpoint-tmp*"))
+            for path in partial:
+                shutil.rmtree(path, ignore_errors=True)
+            if partial:
+                gone_since = None
+            elif gone_since is None:
+                gone_since = time.monotonic()
+            elif time.monotonic() - gone_since >= settle:
+                return
+            time.sleep(0.05)
 
     def steps(self) -> list[int]:
         """Saved steps, newest first."""
@@ -117,7 +166,13 @@ class Checkpointer:
                 )
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:
+            if self.failed is None:
+                raise  # after a failed save, orbax's close re-raises that failure, reported already
+        if self.failed is not None:
+            self._remove_partial()
 
 
 def _dotted(path) -> str:
@@ -138,3 +193,19 @@ def _quiet_orbax_coroutines() -> None:
             default(unraisable)
 
     sys.unraisablehook = hook
+
+
+def _quiet_closed_event_loops() -> None:
+    """When a save fails, the writes still in flight finish into orbax's closed event loop, and
+    tensorstore prints an "Event loop is closed" traceback for each (through sys.excepthook, or as
+    unraisable), some before the save raises; Checkpointer.save reports the failure in one line."""
+
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda kind, exc, tb: None if closed_loop(exc) else excepthook(kind, exc, tb)
+    sys.unraisablehook = lambda unraisable: None if closed_loop(unraisable.exc_value) else unraisablehook(unraisable)
+
+
+_quiet_closed_event_loops()

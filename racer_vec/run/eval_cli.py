@@ -25,6 +25,7 @@ from racer_vec.run.evaluation import (
     METRICS_FILE, EpisodeRecord, EvaluationInterrupted, Evaluator, Filming, Policy, format_summary, summarize,
 )  # fmt: skip
 from racer_vec.run.signals import stop_signals
+from racer_vec.run.write_failures import WriteFailed, check_output_dir, write_atomically
 from racer_vec.sim import highway
 from racer_vec.sim.video import VideoRecorder
 
@@ -260,6 +261,8 @@ def run_evaluation(args: EvalArgs) -> int:
     """evaluate.py's work; raises ConfigError on a user mistake, returns the exit code otherwise."""
     validate_args(args)
     target = resolve_target(args)
+    # before anything starts: a place that cannot be written is one line, exit 2 (design §8)
+    check_output_dir("--output-dir" if args.output_dir is not None else "the default --output-dir", target.output_dir)
     env_cfg = target.env_cfg
     highway.check_env(env_cfg)  # the env config (unknown keys or id) is checked before anything else starts
     policy = build_policy(args, target)
@@ -290,12 +293,19 @@ def run_evaluation(args: EvalArgs) -> int:
     except EvaluationInterrupted:
         print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
         return 130
+    except WriteFailed as exc:  # a video (design §10)
+        print(f"error: {exc}; evaluation_metrics.json not written", file=sys.stderr)
+        return 1
     finally:
         if recorder is not None:
             recorder.close()
         evaluator.close()
     videos = recorder.written if recorder is not None else {}
-    summary = write_metrics(args, target, episodes, videos, num_workers)
+    try:
+        summary = write_metrics(args, target, episodes, videos, num_workers)
+    except WriteFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     print(f"\nmetrics: {target.output_dir / METRICS_FILE}")
     for k in sorted(videos):
@@ -324,6 +334,5 @@ def write_metrics(args: EvalArgs, target: Target, episodes: list[EpisodeRecord],
             "env": to_dict(target.env_cfg),
         },
     }
-    target.output_dir.mkdir(parents=True, exist_ok=True)
-    (target.output_dir / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(target.output_dir / METRICS_FILE, json.dumps(report, indent=2) + "\n")
     return summary

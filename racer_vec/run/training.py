@@ -28,6 +28,7 @@ from racer_vec.run.evaluation import EvaluationInterrupted, Evaluator
 from racer_vec.run.progress import ProgressDisplay
 from racer_vec.run.run_dir import RunDirectory
 from racer_vec.run.signals import ignore_stop_signals, stop_signals
+from racer_vec.run.write_failures import WriteFailed
 from racer_vec.sim import highway
 from racer_vec.sim.rewards import training_reward
 
@@ -132,9 +133,9 @@ def reset_due(cfg: TrainConfig, c: Counters) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, directory: RunDirectory | None = None):
         self.cfg = cfg
-        self.directory = RunDirectory(cfg)
+        self.directory = RunDirectory(cfg) if directory is None else directory
         self.run_dir = self.directory.path
         self.reward_params = RewardParams.build(cfg.reward, cfg.env)
         self.interrupted = False
@@ -152,6 +153,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        self.directory.lock()  # before anything is written: one writer per run (design §8)
         highway.check_env(cfg.env)
         self.obs_dim = obs_dim = cfg.env.obs_dim
 
@@ -455,19 +457,35 @@ class Trainer:
         self.directory.close()
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
+        self.directory.unlock()  # last: the run is another process's to train from here
+
+    def write_failure(self, exc: WriteFailed) -> str:
+        """The one line of a failed write (a full disk, say): what failed, where the run stands and
+        how to go on (design §10)."""
+        latest = self.checkpointer.latest_step() if hasattr(self, "checkpointer") else None
+        if latest is None:
+            after = "no checkpoint was saved; once there is room, start the run again"
+        else:
+            after = (f"its latest checkpoint is {latest} in {self.directory.checkpoints}; once there is room, "
+                     f"continue with: python train.py --resume {self.run_dir}")  # fmt: skip
+        return f"error: {exc}; training stopped at {self.counters.env_steps} env steps, {after}"
 
 
 def _stop_start_up(signum, frame):
     raise KeyboardInterrupt  # SIGTERM during start-up ends it like Ctrl-C: nothing to save yet
 
 
-def train(cfg: TrainConfig) -> int:
-    """Run training to cfg.max_steps; returns the process exit code."""
+def train(cfg: TrainConfig, directory: RunDirectory | None = None) -> int:
+    """Run training to cfg.max_steps (in `directory`, locked already by train.py); returns the process
+    exit code."""
     with stop_signals(_stop_start_up, (signal.SIGTERM,)):
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, directory)
         try:
             trainer.setup()
             return trainer.run()
+        except WriteFailed as exc:
+            print(trainer.write_failure(exc), file=sys.stderr, flush=True)
+            return 1
         finally:
             ignore_stop_signals()  # nothing left running: a second Ctrl-C or SIGTERM waits for the clean-up
             trainer.close()

@@ -6,12 +6,16 @@ for `configure_headless`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from racer_vec.run.write_failures import WriteFailed, writing
 
 PANEL_HEIGHT = 40
 """Pixels of the text panel above each frame (two lines)."""
@@ -97,7 +101,12 @@ class VideoRecorder:
         return self.directory / f"highway_eval_{self.label}_episode_{episode}.mp4"
 
     def add_frame(self, episode: int, frame: np.ndarray, stats: FrameStats) -> None:
+        """One frame of `episode`'s video; WriteFailed when ffmpeg cannot write it (a full disk, say)."""
         image = self.overlay(frame, stats)
+        with writing(self.path(episode)):
+            self._add(episode, image)
+
+    def _add(self, episode: int, image: np.ndarray) -> None:
         writer = self._writers.get(episode)
         if writer is not None:
             writer.append_data(image)
@@ -117,12 +126,43 @@ class VideoRecorder:
             writer.append_data(image)
 
     def finish(self, episode: int) -> None:
+        """Close `episode`'s video; WriteFailed when it is incomplete (imageio does not check how
+        ffmpeg ended: an MP4 that ffmpeg could not finish lacks its index or is cut short)."""
         writer = self._writers.pop(episode, None)
         if writer is not None:
-            writer.close()
-            self.written[episode] = self.path(episode)
+            path = self.path(episode)
+            with writing(path):
+                writer.close()
+            if not mp4_complete(path):
+                raise WriteFailed(path, "ffmpeg could not finish the video")
+            self.written[episode] = path
 
     def close(self) -> None:
         """Close unfinished videos (after an error or interrupt); they stay on disk, truncated."""
         for episode in list(self._writers):
-            self._writers.pop(episode).close()
+            with contextlib.suppress(Exception):  # after a failed write: reported already
+                self._writers.pop(episode).close()
+
+
+def mp4_complete(path: Path) -> bool:
+    """Whether the MP4 file's top-level boxes fill it exactly and include its index (`moov`)."""
+    try:
+        with open(path, "rb") as f:
+            size, offset, kinds = os.fstat(f.fileno()).st_size, 0, set()
+            while offset < size:
+                f.seek(offset)
+                header = f.read(16)
+                if len(header) < 8:
+                    return False
+                length, kind = struct.unpack(">I4s", header[:8])
+                if length == 1 and len(header) == 16:
+                    length = struct.unpack(">Q", header[8:])[0]
+                elif length == 0:
+                    length = size - offset
+                if length < 8:
+                    return False
+                kinds.add(kind)
+                offset += length
+    except OSError:
+        return False
+    return offset == size and b"moov" in kinds

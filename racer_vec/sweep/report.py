@@ -6,10 +6,12 @@ final evaluation). No Ray; JAX only inside the evaluation."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from racer_vec import plot
 from racer_vec.results import collect, group_by_seed, results_table, seeds_text, steps_text
+from racer_vec.run.write_failures import WriteFailed, write_atomically
 from racer_vec.sweep.cli import say
 from racer_vec.sweep.grid import trial_name
 from racer_vec.sweep.trial import is_finished, latest_step
@@ -98,10 +100,16 @@ def _evaluated(path: Path, episodes: int) -> bool:
 
 def write_report(spec: dict, episodes: int, workers: int) -> int:
     """Evaluate every finished trial's final checkpoint (evaluate.py's code), write its results file,
-    then the sweep's table and plot. Returns the exit code."""
-    from racer_vec.run.eval_cli import EvalArgs, run_evaluation
-    from racer_vec.run.evaluation import METRICS_FILE
+    then the sweep's table and plot. Returns the exit code: a write that fails (a full disk, say) is
+    one line and exit 1."""
+    try:
+        return _write_report(spec, episodes, workers)
+    except WriteFailed as exc:
+        print(f"error: report: {exc}", file=sys.stderr, flush=True)
+        return 1
 
+
+def _write_report(spec: dict, episodes: int, workers: int) -> int:
     sweep_dir = Path(spec["sweep_dir"])
     records, missing = [], []
     for trial in spec["trials"]:
@@ -109,22 +117,11 @@ def write_report(spec: dict, episodes: int, workers: int) -> int:
         if not is_finished(run_dir):
             missing.append(trial["name"])
             continue
-        step = latest_step(run_dir)
-        evaluation = run_dir / "eval" / str(step) / METRICS_FILE
-        if not _evaluated(evaluation, episodes):
-            say(f"report: evaluating {trial['name']} at {step} env steps with {episodes} episodes")
-            args = EvalArgs(checkpoint=str(run_dir / "checkpoints" / str(step)), num_episodes=episodes,
-                            num_workers=workers, render=False, output_dir=str(evaluation.parent))  # fmt: skip
-            try:
-                code = run_evaluation(args)
-            finally:
-                stop_multiprocessing_helpers()
-            if code != 0:
-                return code
-        record = collect(run_dir, evaluation)
-        path = sweep_dir / "results" / f"{trial['name']}_{step}.json"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        code, record = _trial_record(run_dir, trial["name"], episodes, workers)
+        if code != 0:
+            return code
+        path = sweep_dir / "results" / f"{trial['name']}_{record['env_steps']}.json"
+        write_atomically(path, json.dumps(record, indent=2) + "\n")
         records.append((trial["config"], record))
     if missing:
         say(f"report: left out {len(missing)} unfinished trial(s): {', '.join(missing)}")
@@ -132,11 +129,32 @@ def write_report(spec: dict, episodes: int, workers: int) -> int:
         say("report: no finished trial to report yet")
         return 1
     table = sweep_table(spec, records, episodes)
-    (sweep_dir / "table.md").write_text(table + "\n")
+    write_atomically(sweep_dir / "table.md", table + "\n")
     png = plot_points(spec, records, sweep_dir / "learning_curves.png")
     print("\n" + table + "\n", flush=True)
     say(f"report: {sweep_dir / 'table.md'}, {png}, results files in {sweep_dir / 'results'}")
     return 0
+
+
+def _trial_record(run_dir: Path, name: str, episodes: int, workers: int) -> tuple[int, dict | None]:
+    """(exit code, results file) of a finished trial: its final checkpoint evaluated (unless it was
+    already, with these settings), then collected."""
+    from racer_vec.run.eval_cli import EvalArgs, run_evaluation
+    from racer_vec.run.evaluation import METRICS_FILE
+
+    step = latest_step(run_dir)
+    evaluation = run_dir / "eval" / str(step) / METRICS_FILE
+    if not _evaluated(evaluation, episodes):
+        say(f"report: evaluating {name} at {step} env steps with {episodes} episodes")
+        args = EvalArgs(checkpoint=str(run_dir / "checkpoints" / str(step)), num_episodes=episodes,
+                        num_workers=workers, render=False, output_dir=str(evaluation.parent))  # fmt: skip
+        try:
+            code = run_evaluation(args)
+        finally:
+            stop_multiprocessing_helpers()
+        if code != 0:
+            return code, None
+    return 0, collect(run_dir, evaluation)
 
 
 def stop_multiprocessing_helpers() -> None:

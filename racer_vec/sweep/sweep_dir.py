@@ -11,6 +11,7 @@ from pathlib import Path
 
 import configs
 from racer_vec.config import ConfigError, TrainConfig
+from racer_vec.run.write_failures import check_output_dir, write_atomically, writing
 from racer_vec.sweep.cli import CommandLine, SweepArgs
 from racer_vec.sweep.grid import (
     SET_BY_SWEEP, config_fields, flag_spellings, parse_grid, train_flag, trial_cpus, trial_name, trial_points,
@@ -18,7 +19,6 @@ from racer_vec.sweep.grid import (
 
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = ".tune"
-LOCK_DIR = ".locks"
 TRAIN_LOG = "train.log"
 
 
@@ -29,6 +29,7 @@ def plan_sweep(args: SweepArgs, line: CommandLine, argv: list[str]) -> tuple[Pat
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"--sweep-name {name!r}: must be a plain directory name")
     sweep_dir = (args.runs_dir / name).absolute()
+    check_output_dir("--runs-dir", args.runs_dir)  # before Ray starts (design §8)
     if sweep_dir.exists():
         raise ConfigError(
             f"{sweep_dir} exists: continue that sweep with --resume {sweep_dir}, or choose another --sweep-name"
@@ -77,8 +78,9 @@ RESUMABLE = {
 
 def create_sweep(sweep_dir: Path, spec: dict) -> None:
     """Write a new sweep's directory and its sweep.json (once Ray is ready to run it)."""
-    sweep_dir.mkdir(parents=True)
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    with writing(sweep_dir):
+        sweep_dir.mkdir(parents=True)
+    write_atomically(sweep_dir / SWEEP_FILE, json.dumps(spec, indent=2) + "\n")
 
 
 def open_sweep(path: Path, line: CommandLine, flag: str) -> tuple[Path, dict]:

@@ -5,7 +5,6 @@ directory."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -19,9 +18,14 @@ from pathlib import Path
 
 from racer_vec.config import ConfigError
 from racer_vec.run import checkpoint_files
+from racer_vec.run.jsonl import parse_jsonl, read_jsonl
+from racer_vec.run.run_lock import (
+    LOCK_FD_ENV, LOCK_FILE, describe_holder, is_current, is_locked, lock_path, open_lock_file, read_holder,
+    record_holder, try_lock,
+)  # fmt: skip
 from racer_vec.sweep.cli import say
 from racer_vec.sweep.grid import trial_argv, trial_name
-from racer_vec.sweep.sweep_dir import LOCK_DIR, TRAIN_LOG
+from racer_vec.sweep.sweep_dir import TRAIN_LOG
 
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 SUPERVISOR = "racer_vec.sweep.supervisor"
@@ -75,7 +79,8 @@ def trial_environment(gpus: float, base: typing.Mapping[str, str], run_dir: Path
 
 
 class MetricsTail:
-    """The complete lines appended to a metrics.jsonl since this object was made."""
+    """The complete lines appended to a metrics.jsonl since this object was made (a torn line, left
+    by a killed attempt, skipped with a warning)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -90,68 +95,57 @@ class MetricsTail:
             data = f.read()
         self.offset += len(data)
         *lines, self.partial = (self.partial + data).split(b"\n")
-        rows = []
-        for line in lines:
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-        return rows
+        return parse_jsonl(lines, str(self.path), first_line=None)
 
     def last(self) -> dict:
-        """The file's last complete line (an earlier attempt's), or {}."""
-        if not self.path.exists():
-            return {}
-        lines = [line for line in self.path.read_bytes().split(b"\n")[:-1] if line.strip()]
-        for line in reversed(lines):
-            with contextlib.suppress(json.JSONDecodeError):
-                return json.loads(line)
-        return {}
+        """The file's last record (an earlier attempt's), or {}."""
+        rows = read_jsonl(self.path)
+        return rows[-1] if rows else {}
 
 
-def acquire_lock(path: Path, timeout: float) -> int:
-    """An exclusive flock on `path`, once an earlier attempt's train.py, which holds it, has exited."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def acquire_lock(run_dir: Path, timeout: float) -> int:
+    """The run's lock (racer_vec.run.run_lock), held by an open file that train.py inherits, once an
+    earlier attempt's train.py, which holds it, has exited. A process that is not one of this run's
+    trials (a `train.py --resume` beside the sweep) is not waited for."""
+    path = lock_path(run_dir)
     deadline = time.monotonic() + timeout
     killed = False
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = open_lock_file(run_dir)
+        if try_lock(fd) and is_current(fd, path):
+            os.ftruncate(fd, 0)
             return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                if killed or not kill_lock_holder(path):
-                    os.close(fd)
-                    raise TrialFailed(f"an earlier attempt's train.py still holds {path}") from None
-                # told to stop LOCK_WAIT_S ago and still running: hung
-                killed, deadline = True, time.monotonic() + 10.0
-            time.sleep(POLL_S)
-
-
-def lock_held(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
         os.close(fd)
+        if _holder_is_trial(run_dir) is False:
+            raise TrialFailed(f"{run_dir} is in use by {describe_holder(path)}, which is not this sweep's trial")
+        if time.monotonic() > deadline:
+            if killed or not kill_lock_holder(run_dir):
+                raise TrialFailed(f"an earlier attempt's train.py still holds {path}")
+            # told to stop LOCK_WAIT_S ago and still running: hung
+            killed, deadline = True, time.monotonic() + 10.0
+        time.sleep(POLL_S)
 
 
-def kill_lock_holder(lock: Path) -> bool:
-    """SIGKILL the process group of the train.py that holds `lock`, if it runs on this machine.
-    Only called while the lock is held, so the recorded pid is still that process's."""
+def _holder_is_trial(run_dir: Path) -> bool | None:
+    """Whether the process named in the run's lock file is one of this run's trial processes (marked
+    in its environment); None when that cannot be told (no pid yet, gone, another machine)."""
+    holder = read_holder(lock_path(run_dir))
+    if holder is None or holder[1] != socket.gethostname():
+        return None
     try:
-        host, pid = lock.with_suffix(".pid").read_text().split()
-    except (OSError, ValueError):
-        return False
-    if host != socket.gethostname():
+        environ = Path(f"/proc/{holder[0]}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return f"{TRIAL_ENV}={run_dir}".encode() in environ
+
+
+def kill_lock_holder(run_dir: Path) -> bool:
+    """SIGKILL the process group of the trial process that holds the run's lock, if it runs on this
+    machine. Only called while the lock is held, so the recorded pid is still that process's."""
+    if not _holder_is_trial(run_dir):
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(int(pid), signal.SIGKILL)
+        os.killpg(os.getpgid(read_holder(lock_path(run_dir))[0]), signal.SIGKILL)
     return True
 
 
@@ -181,7 +175,6 @@ class TrialProcess:
         self.name = trial_name(config)
         sweep_dir = Path(spec["sweep_dir"])
         self.run_dir = sweep_dir / self.name
-        self.lock = sweep_dir / LOCK_DIR / f"{self.name}.lock"
         self.proc: subprocess.Popen | None = None
         self.lock_fd: int | None = None
         self.log = None
@@ -190,9 +183,7 @@ class TrialProcess:
         self.last_row: dict = {}
 
     def start(self) -> None:
-        self.lock.parent.mkdir(parents=True, exist_ok=True)
-        self.lock_fd = acquire_lock(self.lock, LOCK_WAIT_S)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_fd = acquire_lock(self.run_dir, LOCK_WAIT_S)  # creates the run directory
         self.tail = MetricsTail(self.run_dir / "metrics.jsonl")
         self.last_row = self.tail.last()
         if is_finished(self.run_dir):
@@ -211,11 +202,13 @@ class TrialProcess:
             # -P: the supervisor is this checkout's, whatever the directory the sweep was started in holds
             [sys.executable, "-P", "-m", SUPERVISOR, str(os.getpid()), str(self.lock_fd), str(TRAIN_PY), *argv],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
-            env=trial_environment(self.spec["gpus_per_trial"], os.environ, self.run_dir),
+            # train.py takes the run's lock from this open file (design §8): held while train.py lives,
+            # even if this worker and the supervisor die
+            env={**trial_environment(self.spec["gpus_per_trial"], os.environ, self.run_dir), LOCK_FD_ENV: str(self.lock_fd)},
             start_new_session=True,  # a terminal's Ctrl-C goes to the sweep, which decides
-            pass_fds=(self.lock_fd,),  # held while train.py lives, even if this worker and the supervisor die
+            pass_fds=(self.lock_fd,),
         )  # fmt: skip
-        self.lock.with_suffix(".pid").write_text(f"{socket.gethostname()} {self.proc.pid}\n")
+        record_holder(self.lock_fd, self.proc.pid)  # until train.py records itself; its process group
 
     def next_result(self) -> tuple[dict, bool]:
         """The next metrics line and whether the run has finished; raises TrialFailed if it died."""
@@ -270,7 +263,6 @@ class TrialProcess:
             self.log.close()
             self.log = None
         if self.lock_fd is not None:
-            self.lock.with_suffix(".pid").unlink(missing_ok=True)
             os.close(self.lock_fd)
             self.lock_fd = None
 
@@ -309,19 +301,21 @@ def _is_running(pid: int) -> bool:
 def wait_for_trial_processes(sweep_dir: Path, timeout: float = LOCK_WAIT_S) -> list[str]:
     """Wait until no trial process of the sweep runs on this machine (a stopped run may still be
     writing its final checkpoint); kill those left after `timeout` or a Ctrl-C. Returns their trials."""
-    busy = [p for p in sorted((sweep_dir / LOCK_DIR).glob("*.lock")) if lock_held(p)]
+    # a run that another process (train.py --resume beside the sweep) trains in is not waited for
+    busy = [p.parent for p in sorted(sweep_dir.glob(f"*/{LOCK_FILE}"))
+            if is_locked(p) and _holder_is_trial(p.parent) is not False]  # fmt: skip
     if not busy:
         return []
-    names = ", ".join(p.stem for p in busy)
+    names = ", ".join(p.name for p in busy)
     say(f"waiting for {len(busy)} trial process(es) to write a final checkpoint: {names} (Ctrl-C kills them)")
     deadline = time.monotonic() + timeout
     try:
         while busy and time.monotonic() < deadline:
             time.sleep(POLL_S)
-            busy = [p for p in busy if lock_held(p)]
+            busy = [p for p in busy if is_locked(lock_path(p))]
     except KeyboardInterrupt:
         pass
-    killed = [p.stem for p in busy if lock_held(p) and kill_lock_holder(p)]
+    killed = [p.name for p in busy if is_locked(lock_path(p)) and kill_lock_holder(p)]
     if killed:
         say(f"killed {', '.join(killed)}: they resume from their latest periodic checkpoint")
     return killed

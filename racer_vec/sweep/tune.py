@@ -21,11 +21,14 @@ except ImportError as exc:
 
 from racer_vec.config import ConfigError, TrainConfig
 from racer_vec.run.checkpoint_files import first_line
+from racer_vec.sweep import watchdog
 from racer_vec.sweep.cli import SweepArgs, say, sigterm_as_ctrl_c
 from racer_vec.sweep.grid import trial_cpus, trial_name
 from racer_vec.sweep.report import write_report
 from racer_vec.sweep.sweep_dir import TUNE_DIR, available_cpus
-from racer_vec.sweep.trial import STOP_WAIT_S, TrialProcess, is_finished, latest_step, wait_for_trial_processes
+from racer_vec.sweep.trial import (
+    STOP_WAIT_S, TRIAL_ENV, TrialProcess, is_finished, latest_step, wait_for_trial_processes,
+)  # fmt: skip
 
 OBJECT_STORE_BYTES = 256 * 1024**2
 """A local instance's object store: trials pass nothing through it (Ray's default takes 30% of RAM)."""
@@ -193,6 +196,8 @@ def run_sweep(args: SweepArgs, spec: dict, trials: dict[str, TrainConfig]) -> in
     say(f"{len(trials)} trials in {sweep_dir} on {where}; per trial {'/'.join(f'{c:g}' for c in cpus)} CPUs"
         f", {spec['gpus_per_trial']:g} GPUs; up to {spec['max_failures']} retries each")  # fmt: skip
     results, code = None, None
+    # before Ray starts: whatever the sweep starts ends within seconds of its death, SIGKILL included
+    watchdog.start(sweep_dir, TRIAL_ENV)
     try:
         try:
             start_ray(args)
