@@ -284,6 +284,9 @@ def test_dead_worker_is_found_by_its_exit_code(mid_step):
         actions = np.zeros((2, 2), dtype=np.float32)
         with pytest.raises((EOFError, BrokenPipeError, ConnectionResetError)) as caught:
             if mid_step:
+                # stopped first, the worker cannot answer the step it was sent before it dies (a
+                # plain kill after step_async races with a worker that has already replied)
+                os.kill(envs.processes[1].pid, signal.SIGSTOP)
                 envs.step_async(actions)
                 os.kill(envs.processes[1].pid, signal.SIGKILL)
                 envs.step_wait()
