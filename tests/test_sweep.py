@@ -161,6 +161,23 @@ def test_supervisor_passes_on_exit_codes_and_signals():
     assert proc.wait(timeout=30) == 7
 
 
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no autogroup scheduler on this machine")
+def test_a_trial_session_keeps_the_sweeps_nice_value():
+    """A session of its own is an autogroup of its own at nice 0 unless the trial passes its nice on."""
+    code = """
+import os, subprocess, sys, time
+from racer_vec.sweep.trial import carry_niceness
+os.nice(7)  # in this child only: the test's own process keeps its priority
+leader = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+fresh = open(f"/proc/{leader.pid}/autogroup").read().split()[-1]
+carry_niceness(leader.pid)
+print(fresh, open(f"/proc/{leader.pid}/autogroup").read().split()[-1])
+leader.kill()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.split() == ["0", "7"], out
+
+
 @pytest.mark.parametrize("module", ["supervisor", "watchdog"])
 def test_supervisor_and_watchdog_import_only_the_standard_library(module):
     """The supervisor runs before it is tied to its Ray worker, the watchdog beside the sweep: what

@@ -45,6 +45,15 @@ class TrialFailed(Exception):
     """A trial's train.py died or could not start; Ray Tune retries the trial."""
 
 
+def carry_niceness(session_leader: int) -> None:
+    """Give a new session's scheduling group this process's nice value (design §12). Linux's autogroup
+    puts each session in a group of its own and shares the CPU between groups by the group's nice
+    value, not its processes': a trial of a sweep started with `nice -n 19` would compete at nice 0
+    with the shell it was started from."""
+    with contextlib.suppress(OSError):  # no autogroup here: the processes' own nice values decide
+        Path(f"/proc/{session_leader}/autogroup").write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
+
+
 def latest_step(run_dir: Path) -> int | None:
     """The run's newest intact checkpoint (its agent and state: what the report evaluates), or None."""
     try:
@@ -209,6 +218,7 @@ class TrialProcess:
             pass_fds=(self.lock_fd,),
         )  # fmt: skip
         record_holder(self.lock_fd, self.proc.pid)  # until train.py records itself; its process group
+        carry_niceness(self.proc.pid)
 
     def next_result(self) -> tuple[dict, bool]:
         """The next metrics line and whether the run has finished; raises TrialFailed if it died."""
