@@ -29,7 +29,7 @@ import tyro
 from racer_vec.config import ConfigError
 from racer_vec.results import RELEASE_ROWS, RELEASE_STEPS, read_json
 from racer_vec.run.jsonl import read_jsonl
-from racer_vec.run.write_failures import WriteFailed, check_output_file, write_atomically
+from racer_vec.run.write_failures import WriteFailed, check_output_file, error_exit, write_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,12 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runs = merge_runs([load_run(Path(d)) for d in args.runs])
             path = plot_runs(runs, args.output, smooth=args.smooth, title=args.title)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except WriteFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, WriteFailed) as exc:
+        return error_exit(exc)
     print(f"wrote {path}")
     return 0
 

@@ -25,7 +25,7 @@ import tyro
 
 from racer_vec.config import ConfigError, TrainConfig, from_dict, to_dict
 from racer_vec.run.jsonl import read_jsonl
-from racer_vec.run.write_failures import WriteFailed, check_output_file, write_atomically
+from racer_vec.run.write_failures import WriteFailed, check_output_file, error_exit, write_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,12 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             records = [read_json(f, "results file") for f in command.files]
             make = mean_table if command.mean_over_seeds else table
             print(make(records, command.release))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except WriteFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, WriteFailed) as exc:
+        return error_exit(exc)
     return 0
 
 

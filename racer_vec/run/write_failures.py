@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,13 @@ class WriteFailed(Exception):
     def __init__(self, path: Path | str, reason: str):
         super().__init__(f"cannot write {path} ({reason})")
         self.path, self.reason = Path(path), reason
+
+
+def error_exit(exc: ConfigError | WriteFailed) -> int:
+    """A tool's last word on a failure: one line; exit 2 for the user's mistake, 1 for a write the
+    machine refused."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 1 if isinstance(exc, WriteFailed) else 2
 
 
 def os_error_code(exc: BaseException | None) -> int | None:

@@ -8,7 +8,7 @@ import sys
 
 from racer_vec.config import ConfigError
 from racer_vec.run.signals import stop_signals
-from racer_vec.run.write_failures import WriteFailed
+from racer_vec.run.write_failures import WriteFailed, error_exit
 from racer_vec.sweep.cli import parse_command_line, sigterm_as_ctrl_c
 from racer_vec.sweep.grid import validate_trials
 from racer_vec.sweep.report import write_report
@@ -44,12 +44,8 @@ def _main(argv: list[str]) -> int:
             tune.check_address(args.address)
         if args.resume is None:
             create_sweep(sweep_dir, spec)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except WriteFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, WriteFailed) as exc:
+        return error_exit(exc)
     return tune.run_sweep(args, spec, trials)
 
 
