@@ -212,18 +212,35 @@ def plot_runs(runs: list[Run], output: Path, smooth: int = 10, title: str | None
 RELEASE_LABEL_OFFSETS = {"release: CVaR 0.5": (-10, -14), "release: CVaR 0.8": (-8, 8), "release: SAC": (8, -14)}
 
 
+MARKERS = {
+    "masked target": "o", "masked target, target-speed action": "^", "masked target, learned speed cap": "D",
+    "release's target (no mask)": "s", "release's target (no mask), target-speed action": "v",
+    "release's target (no mask), learned speed cap": "P",
+}  # fmt: skip
+
+
+def agent_kind(config: dict) -> str:
+    """A run's marker in the figure: its target (design §4.3, §14), and RACER's target-speed action
+    with or without the learned cap on it (§4.1)."""
+    agent, env = config["agent"], config.get("env", {})
+    kind = "release's target (no mask)" if agent.get("bootstrap_terminations", False) else "masked target"
+    if env.get("target_speed_action", False):
+        capped = agent.get("learned_limit", True) and agent.get("limited_action") == "speed"
+        kind += ", learned speed cap" if capped else ", target-speed action"
+    return kind
+
+
 def tradeoff_points(records: list[dict]) -> list[dict]:
     """One point per results file: its evaluation speed and return, its training collisions."""
     points = []
     for r in records:
         try:
-            release_target = r["config"]["agent"].get("bootstrap_terminations", False)
             points.append({
                 "run": r["run"],
                 "step": step_label(r["env_steps"])
                 + (" (deterministic)" if (r.get("evaluation_settings") or {}).get("deterministic") else ""),
                 "cvar_risk": r["cvar_risk"],
-                "target": "release's target (no mask)" if release_target else "masked target",
+                "target": agent_kind(r["config"]),
                 "speed": r["evaluation"]["mean_ego_speed"],
                 "return": r["evaluation"]["mean_return"],
                 "collisions": r["training"]["train_collisions_total"],
@@ -276,7 +293,6 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     # points that sit close together stay readable
     labels = run_labels(points)
     colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(labels)}
-    markers = {"masked target": "o", "release's target (no mask)": "s"}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
     for ax, key, name in ((axes[0], "speed", "evaluation speed [m/s]"), (axes[1], "return", "evaluation return")):
         for path in paths:
@@ -284,7 +300,7 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
                     lw=1.2, alpha=0.7, zorder=2)  # fmt: skip
         for p in points:
             colour = colours[p["run_id"]]
-            ax.scatter(p["collisions"], p[key], color=colour, marker=markers[p["target"]], s=70,
+            ax.scatter(p["collisions"], p[key], color=colour, marker=MARKERS[p["target"]], s=70,
                        edgecolor="black", linewidth=0.5, zorder=3)  # fmt: skip
             ax.annotate(p["step"], (p["collisions"], p[key]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8, color=colour)  # fmt: skip
@@ -300,10 +316,10 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     targets = {p["run_id"]: p["target"] for p in points}
-    handles = [plt.Line2D([], [], ls="", marker=markers[targets[run]], color=colours[run], markeredgecolor="black",
+    handles = [plt.Line2D([], [], ls="", marker=MARKERS[targets[run]], color=colours[run], markeredgecolor="black",
                           label=label) for run, label in labels.items()]  # fmt: skip
     handles += [plt.Line2D([], [], ls="", marker=m, color="white", markeredgecolor="black", label=t)
-                for t, m in markers.items() if any(p["target"] == t for p in points)]  # fmt: skip
+                for t, m in MARKERS.items() if any(p["target"] == t for p in points)]  # fmt: skip
     handles.append(plt.Line2D([], [], ls="", marker="*", markersize=14, color="crimson", label="the release's table"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4))
     fig.suptitle((title or "Speed and return against training collisions: up and left is better")

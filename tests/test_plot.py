@@ -111,19 +111,25 @@ def test_rate_panels_stay_within_0_and_100_percent(data, expected):
 
 
 def test_tradeoff_figure_from_results_files(tmp_path):
-    def record(name, risk, release_target, speed, ret, collisions):
+    def record(name, risk, release_target, speed, ret, collisions, speed_action=False, cap=False):
         return {"run": name, "env_steps": 240000, "cvar_risk": risk,
-                "config": {"agent": {"bootstrap_terminations": release_target}},
+                "config": {"agent": {"bootstrap_terminations": release_target, "learned_limit": cap,
+                                     "limited_action": "speed" if cap else "steering"},
+                           "env": {"target_speed_action": speed_action}},
                 "evaluation": {"mean_ego_speed": speed, "mean_return": ret},
                 "training": {"train_collisions_total": collisions}}  # fmt: skip
 
     files = []
-    for i, r in enumerate([record("a", 0.5, False, 22.8, 62.7, 46), record("b", 0.5, True, 29.1, 53.5, 154)]):
+    records = [record("a", 0.5, False, 22.8, 62.7, 46), record("b", 0.5, True, 29.1, 53.5, 154),
+               record("c", 0.5, False, 24.0, 60.0, 20, speed_action=True, cap=True),
+               record("d", 0.5, False, 25.0, 61.0, 30, speed_action=True)]  # fmt: skip
+    for i, r in enumerate(records):
         files.append(tmp_path / f"{i}.json")
         files[-1].write_text(json.dumps(r))
     points = plot.tradeoff_points([json.loads(f.read_text()) for f in files])
     assert [(p["target"], p["speed"], p["collisions"]) for p in points] == [
-        ("masked target", 22.8, 46), ("release's target (no mask)", 29.1, 154)]
+        ("masked target", 22.8, 46), ("release's target (no mask)", 29.1, 154),
+        ("masked target, learned speed cap", 24.0, 20), ("masked target, target-speed action", 25.0, 30)]
     assert plot.trajectories(points) == []
     output = tmp_path / "tradeoff.png"
     assert plot.main(["--tradeoff", *map(str, files), "--output", str(output)]) == 0
