@@ -292,7 +292,8 @@ def plot_tradeoff(records: list[dict], output: Path, title: str | None = None) -
     # one colour per training run, named once in the legend; each point says only its step, so that
     # points that sit close together stay readable
     labels = run_labels(points)
-    colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(labels)}
+    palette = [plt.cm.tab10(i) for i in range(10) if i != 3]  # tab10's red is taken by the release's stars
+    colours = {run: palette[i % len(palette)] for i, run in enumerate(labels)}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
     for ax, key, name in ((axes[0], "speed", "evaluation speed [m/s]"), (axes[1], "return", "evaluation return")):
         for path in paths:
