@@ -50,8 +50,14 @@ def carry_niceness(session_leader: int) -> None:
     puts each session in a group of its own and shares the CPU between groups by the group's nice
     value, not its processes': a trial of a sweep started with `nice -n 19` would compete at nice 0
     with the shell it was started from."""
-    with contextlib.suppress(OSError):  # no autogroup here: the processes' own nice values decide
-        Path(f"/proc/{session_leader}/autogroup").write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
+    for _ in range(20):
+        try:
+            Path(f"/proc/{session_leader}/autogroup").write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
+            return
+        except BlockingIOError:  # EAGAIN: without CAP_SYS_ADMIN the kernel takes one change per 0.1 s
+            time.sleep(0.1)
+        except OSError:  # no autogroup here: the processes' own nice values decide
+            return
 
 
 def latest_step(run_dir: Path) -> int | None:
