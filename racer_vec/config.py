@@ -258,6 +258,9 @@ class TrainConfig:
     """Environment transitions between checkpoints."""
     keep_checkpoints: int = 3
     """Checkpoints kept on disk (the newest ones)."""
+    keep_checkpoint_every: int = 0
+    """Also keep the first checkpoint saved at or after each multiple of this many transitions
+    (e.g. 150000: 150k, 300k, ...), to evaluate them after the run; 0: only the newest."""
     eval_interval: int = 25_000
     """Environment transitions between evaluations (0 turns periodic evaluation off)."""
     eval_episodes: int = 3
@@ -345,7 +348,7 @@ _POSITIVE = (
     "reward.critical_ttc", "reward.proximity", "reward.cone_half_angle",
 )  # fmt: skip
 _NON_NEGATIVE = (
-    "start_training", "eval_interval", "reset_interval", "max_worker_restarts",
+    "start_training", "eval_interval", "reset_interval", "max_worker_restarts", "keep_checkpoint_every",
     # numpy and highway-env take seeds >= 0 only
     "seed", "eval_seed",
     "env.max_offroad_steps", "reward.safety_coeff",

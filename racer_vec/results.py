@@ -295,7 +295,8 @@ def table(results: list[dict], release: bool = False) -> str:
 
 BOOKKEEPING = {
     "seed", "run_name", "runs_dir", "resume", "save_buffer", "wandb_mode", "wandb_project", "log_interval",
-    "checkpoint_interval", "keep_checkpoints", "eval_interval", "eval_episodes", "eval_seed", "max_steps",
+    "checkpoint_interval", "keep_checkpoints", "keep_checkpoint_every", "eval_interval", "eval_episodes", "eval_seed",
+    "max_steps",
 }  # fmt: skip
 """Config fields that do not change what a run learns up to its evaluated step (or are the seed)."""
 

@@ -28,6 +28,7 @@ ACCEPTED = {
     ("--eval-interval", "0"): "periodic evaluation off",
     ("--reset-interval", "0"): "no reset schedule",
     ("--max-worker-restarts", "0"): "the first worker fault stops the run",
+    ("--keep-checkpoint-every", "0"): "no milestones: only the newest checkpoints",
     ("--env.max-offroad-steps", "0"): "the env layer's offroad rule off",
     ("--seed", "0"): "a seed",
     ("--eval-seed", "0"): "a seed",

@@ -91,6 +91,27 @@ def _adam_counts(run_dir, step):
     return {**counts, "updates": int(agent["updates"])}
 
 
+def test_kept_checkpoints_are_the_newest_and_the_first_past_each_milestone(tmp_path):
+    import jax.numpy as jnp
+
+    agent = {"w": jnp.zeros(3)}
+    checkpointer = Checkpointer(tmp_path, keep=2, keep_every=20)
+    for step in (8, 16, 24, 32, 37, 48, 56):  # 8 envs a vector step; 37: a stop signal's save
+        checkpointer.save(step, agent, {"step": step})
+    assert sorted(checkpointer.steps()) == [24, 48, 56]
+    checkpointer.close()
+    resumed = Checkpointer(tmp_path, keep=2, keep_every=20)  # a resumed run keeps its milestones
+    for step in (64, 72):
+        resumed.save(step, agent, {"step": step})
+    assert sorted(resumed.steps()) == [24, 48, 64, 72]
+    resumed.close()
+    newest_only = Checkpointer(tmp_path / "plain", keep=2)
+    for step in (8, 16, 24, 32):
+        newest_only.save(step, agent, {"step": step})
+    assert sorted(newest_only.steps()) == [24, 32]
+    newest_only.close()
+
+
 def test_reset_schedule_steps_and_once_per_step():
     """design §11's schedule as the loop meets it: before each vector step acts (2 envs, updates from
     100 env steps, reset interval 50 vector steps, 400 env steps)."""

@@ -1,12 +1,13 @@
 """Orbax checkpoints of a run: the agent pytree, the host-side counters with the config, the buffer.
 
 Written synchronously and atomically by an orbax CheckpointManager that keeps the newest `keep`
-steps; each step's files are then listed with their CRCs (racer_vec.run.checkpoint_files, which
+steps and, with `keep_every`, the milestones a study evaluates later (design §7); each step's files are then listed with their CRCs (racer_vec.run.checkpoint_files, which
 also finds the steps and checks them without JAX).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
 
 from racer_vec.config import ConfigError
 from racer_vec.run import checkpoint_files
@@ -38,10 +40,33 @@ for _logger in ("absl", "asyncio"):
     logging.getLogger(_logger).addFilter(_QuietWriteFailures())
 
 
+@dataclasses.dataclass
+class Milestones(ocm.PreservationPolicy):
+    """Preserves the first checkpoint at or after each positive multiple of `every` transitions.
+
+    Not orbax's EveryNSteps (step % every == 0): steps advance by num_envs and a stop signal saves
+    between intervals, so a milestone's step need not be a multiple. The first step of a window
+    stays the first, since this policy never lets it go.
+    """
+
+    every: int
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        seen, preserve = set(), []
+        for ckpt in checkpoints:  # oldest first
+            window = ckpt.step // self.every
+            preserve.append(window > 0 and window not in seen)
+            seen.add(window)
+        return preserve
+
+
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int):
+    def __init__(self, directory: Path, keep: int, keep_every: int = 0):
         self.directory = Path(directory).absolute()
-        self.options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+        policies = [ocm.LatestN(n=keep)] + ([Milestones(keep_every)] if keep_every else [])
+        self.options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies), enable_async_checkpointing=False, create=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         self.failed: int | None = None
         """The step whose save failed (a full disk, say)."""

@@ -23,6 +23,7 @@ RESUME_MUTABLE = frozenset(
         "wandb_mode",
         "log_interval",
         "checkpoint_interval",
+        "keep_checkpoint_every",
         "eval_interval",
         "eval_episodes",
         "save_buffer",

@@ -170,7 +170,7 @@ class Trainer:
         self.action_key = jax.device_put(jax.random.PRNGKey(cfg.seed + 1), replicated_sharding())
         self.random_actions = np.random.default_rng(cfg.seed)
 
-        self.checkpointer = Checkpointer(self.directory.checkpoints, keep=cfg.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.directory.checkpoints, cfg.keep_checkpoints, cfg.keep_checkpoint_every)
         if cfg.resume:
             self._restore()
         elif self.checkpointer.latest_step() is not None:
