@@ -288,6 +288,72 @@ def test_the_release_protocol_clips_the_mean_counts_its_way_and_runs_on_another_
     assert code == 2 and "--deterministic" in err
 
 
+@pytest.fixture(scope="module")
+def untrained_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints of an untrained tiny agent: "speed", whose action 0 is a target speed (design §3),
+    and "accel", whose action 0 is an acceleration."""
+    import jax  # noqa: F401  (the agent's arrays)
+
+    from conftest import TINY_ARGS
+    from racer_vec.config import to_dict
+    from racer_vec.learner.agent import init_agent
+    from racer_vec.run.checkpoints import Checkpointer
+    from racer_vec.run.train_cli import parse_train_args
+
+    paths = {}
+    for name, extra in (("speed", ["--env.target-speed-action"]), ("accel", [])):
+        cfg = parse_train_args([*TINY_ARGS, *extra])
+        directory = tmp_path_factory.mktemp(name) / "checkpoints"
+        checkpointer = Checkpointer(directory, keep=1)
+        agent = init_agent(cfg.agent, cfg.env.obs_dim, cfg.env.observed_vehicles, cfg.seed)
+        checkpointer.save(1, agent, {"config": to_dict(cfg)})
+        checkpointer.close()
+        paths[name] = directory / "1"
+    return paths
+
+
+@pytest.mark.slow  # real episodes
+def test_a_held_speed_replaces_the_policys_target_speed(untrained_checkpoints, tmp_path, capsys):
+    speeds = {}
+    for held in (15, 35):
+        code, out, err = run_cli(capsys, "--checkpoint", untrained_checkpoints["speed"], "--hold-speed", held,
+                                 "--deterministic", "--num-episodes", 2, "--num-workers", 1, "--no-render",
+                                 "--output-dir", tmp_path / str(held))  # fmt: skip
+        assert code == 0, err
+        report = json.loads((tmp_path / str(held) / "evaluation_metrics.json").read_text())
+        assert report["summary"]["action_rule"] == f"tanh(mean), {held} m/s held"
+        speeds[held] = [e["ego_speed"] for e in report["episodes"]]
+    # episode k starts the same way in both (seed k, the same steering until the speeds part): the
+    # untrained agent steers off the road within a few steps, faster where 35 m/s is held
+    assert all(fast > slow for fast, slow in zip(speeds[35], speeds[15])), speeds
+
+
+def test_holding_speed_sets_action_0_to_the_speed_on_the_env_s_range_and_keeps_the_steering():
+    from racer_vec.run.eval_cli import holding_speed
+
+    env = dataclasses.replace(configs.PRESETS["highway_fast"].env, target_speed_action=True, target_speed_range=(10, 40))
+    policy = lambda obs, ids, steps: np.tile(np.float32([0.9, -0.3]), (len(obs), 1))  # noqa: E731
+    for speed, action0 in ((10, -1.0), (25, 0.0), (31, 0.4), (40, 1.0)):
+        actions = holding_speed(policy, speed, env)(np.zeros((3, 48)), np.arange(3), np.zeros(3))
+        np.testing.assert_allclose(actions, [[action0, -0.3]] * 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "checkpoint, args, message",
+    [
+        ("accel", ("--hold-speed", "30"), "--env.target-speed-action"),
+        ("speed", ("--hold-speed", "41"), "0-40 m/s"),
+        ("speed", ("--policy", "random", "--hold-speed", "30"), "--hold-speed applies to the agent"),
+    ],
+)
+def test_a_held_speed_needs_a_target_speed_agent_and_a_speed_in_its_range(
+    untrained_checkpoints, checkpoint, args, message, capsys
+):
+    code, _, err = run_cli(capsys, "--checkpoint", untrained_checkpoints[checkpoint], *args, "--no-render")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err and "--hold-speed" in err
+
+
 def test_incompatible_checkpoint_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
     copy = tmp_path / "run" / "checkpoints"
     shutil.copytree(tiny_run / "checkpoints" / "200", copy / "200")

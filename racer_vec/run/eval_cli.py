@@ -66,6 +66,10 @@ class EvalArgs:
     the actor's mean clipped to the action box (no tanh; a learned limit still bounds it), -5 on every
     step off highway-env's road in place of the env layer's offroad term, speed as |(vx, vy)| observed
     before each step, 10 episodes unless --num-episodes; crashes are counted as ours (correctly)."""
+    hold_speed: float | None = None
+    """With a checkpoint trained with --env.target-speed-action: the target speed (m/s) replaces the
+    policy's own (a learned cap's too) on every step while the policy steers, to measure what its
+    steering does at a speed it did not choose."""
     output_dir: str | None = None
     """Where evaluation_metrics.json and the videos go; default: <run>/eval/<step>, or eval/<policy>_<preset>."""
     duration: int | None = None
@@ -100,7 +104,8 @@ def action_rule(args: EvalArgs) -> str:
     """How the evaluated policy acts, as results files and tables name it."""
     if args.policy != "agent":
         return args.policy
-    return "clip(mean)" if args.protocol == "release" else "tanh(mean)" if args.deterministic else "sampled"
+    rule = "clip(mean)" if args.protocol == "release" else "tanh(mean)" if args.deterministic else "sampled"
+    return rule if args.hold_speed is None else f"{rule}, {args.hold_speed:g} m/s held"
 
 
 def validate_args(args: EvalArgs) -> None:
@@ -120,13 +125,16 @@ def validate_args(args: EvalArgs) -> None:
             raise ConfigError("--checkpoint is required to evaluate an agent (or choose a baseline with --policy)")
         if args.deterministic and args.protocol == "release":
             raise ConfigError("--protocol release acts with the clipped mean: --deterministic does not apply")
+        if args.hold_speed is not None and args.hold_speed < 0:
+            raise ConfigError(f"--hold-speed must be >= 0, got {args.hold_speed}")
     else:
         if args.checkpoint is None and args.preset is None:
             raise ConfigError(f"--policy {args.policy} needs --preset NAME (the env to run on)")
         if args.checkpoint is not None and args.preset is not None:
             raise ConfigError("give either --preset or --checkpoint for a baseline's env, not both")
-        if args.deterministic:
-            raise ConfigError(f"--deterministic applies to the agent, not to --policy {args.policy}")
+        for flag, given in (("--deterministic", args.deterministic), ("--hold-speed", args.hold_speed is not None)):
+            if given:
+                raise ConfigError(f"{flag} applies to the agent, not to --policy {args.policy}")
 
 
 def resolve_target(args: EvalArgs) -> Target:
@@ -159,6 +167,7 @@ def resolve_target(args: EvalArgs) -> Target:
         suffix = "" if args.policy == "agent" else f"_{args.policy}"
         suffix += "_deterministic" if args.deterministic else ""
         suffix += "_release" if args.protocol == "release" else ""
+        suffix += "" if args.hold_speed is None else f"_hold{args.hold_speed:g}"
         env = None
         if args.preset is not None:
             env = configs.PRESETS[args.preset].env
@@ -172,9 +181,32 @@ def resolve_target(args: EvalArgs) -> Target:
         target = Target(cfg, label, run / "eval" / f"{step}{suffix}", directory, step, env)
     if args.duration is not None:
         target = dataclasses.replace(target, env=dataclasses.replace(target.env_cfg, duration=args.duration))
+    if args.hold_speed is not None:
+        check_hold_speed(args.hold_speed, target.env_cfg)
     if args.output_dir is not None:
         target = dataclasses.replace(target, output_dir=Path(args.output_dir))
     return target
+
+
+def check_hold_speed(speed: float, env_cfg: EnvConfig) -> None:
+    if not env_cfg.target_speed_action:
+        raise ConfigError("--hold-speed needs an agent trained with --env.target-speed-action (this one accelerates)")
+    low, high = env_cfg.target_speed_range
+    if not low <= speed <= high:
+        raise ConfigError(f"--hold-speed must be within the env's target speeds, {low:g}-{high:g} m/s, got {speed:g}")
+
+
+def holding_speed(policy: Policy, speed: float, env_cfg: EnvConfig) -> Policy:
+    """`policy` with action index 0, the target speed (design §3), replaced by `speed`."""
+    low, high = env_cfg.target_speed_range
+    held = 2.0 * (speed - low) / (high - low) - 1.0
+
+    def act(obs, ids, steps):
+        actions = np.array(policy(obs, ids, steps), np.float32)
+        actions[:, 0] = held
+        return actions
+
+    return act
 
 
 def build_policy(args: EvalArgs, target: Target) -> Policy:
@@ -266,6 +298,8 @@ def run_evaluation(args: EvalArgs) -> int:
     env_cfg = target.env_cfg
     highway.check_env(env_cfg)  # the env config (unknown keys or id) is checked before anything else starts
     policy = build_policy(args, target)
+    if args.hold_speed is not None:
+        policy = holding_speed(policy, args.hold_speed, env_cfg)
     num_episodes = episodes_of(args)
     num_filmed = min(args.max_videos, num_episodes) if args.render else 0
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
