@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: the agent pytree, the host-side counters with the config, the buffer.
 
 Written synchronously and atomically by an orbax CheckpointManager that keeps the newest `keep`
-steps and, with `keep_every`, the milestones a study evaluates later (design §7); each step's files are then listed with their CRCs (racer_vec.run.checkpoint_files, which
-also finds the steps and checks them without JAX).
+steps and, with `keep_every`, the milestones a study evaluates later (design §7); each step's files
+are then listed with their CRCs (racer_vec.run.checkpoint_files, which also finds the steps and
+checks them without JAX).
 """
 
 from __future__ import annotations

@@ -125,8 +125,6 @@ def validate_args(args: EvalArgs) -> None:
             raise ConfigError("--checkpoint is required to evaluate an agent (or choose a baseline with --policy)")
         if args.deterministic and args.protocol == "release":
             raise ConfigError("--protocol release acts with the clipped mean: --deterministic does not apply")
-        if args.hold_speed is not None and args.hold_speed < 0:
-            raise ConfigError(f"--hold-speed must be >= 0, got {args.hold_speed}")
     else:
         if args.checkpoint is None and args.preset is None:
             raise ConfigError(f"--policy {args.policy} needs --preset NAME (the env to run on)")
