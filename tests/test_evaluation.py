@@ -292,8 +292,6 @@ def test_the_release_protocol_clips_the_mean_counts_its_way_and_runs_on_another_
 def untrained_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of an untrained tiny agent: "speed", whose action 0 is a target speed (design §3),
     and "accel", whose action 0 is an acceleration."""
-    import jax  # noqa: F401  (the agent's arrays)
-
     from conftest import TINY_ARGS
     from racer_vec.config import to_dict
     from racer_vec.learner.agent import init_agent
