@@ -1,7 +1,7 @@
 """Steps per second: env-only, learner-only and end-to-end training (design §9).
 
     python -m racer_vec.benchmark [PRESET] [--workers 1 2 4 8] [--seconds 20] [--output FILE]
-    python -m racer_vec.benchmark --compare REF [--rounds 5] [--seconds 10]
+    python -m racer_vec.benchmark --compare REF [--rounds 10] [--round-seconds 3]
 
 Everything is measured after warm-up and compilation. JAX is imported inside functions only: the
 env workers re-import this module as __mp_main__.
@@ -45,8 +45,10 @@ class BenchmarkArgs:
     compare: str | None = None
     """A reference commit: measure its learner and the working tree's side by side instead, alternating,
     for both presets, and the highway_fast loop with 8 workers (racer_vec.benchmark_compare)."""
-    rounds: int = 5
+    rounds: int = 10
     """Alternating rounds of --compare."""
+    round_seconds: float = 3.0
+    """Measuring time of each side in each --compare round, after its warm-up (--warmup-seconds)."""
 
 
 def _timed_loop(step, warmup: float, seconds: float) -> tuple[int, float]:
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare is None:
             report = run(args)
         else:
-            report = benchmark_compare.compare(args.compare, args.rounds, args.warmup_seconds, args.seconds, args.end_to_end)
+            report = benchmark_compare.compare(args.compare, args.rounds, args.warmup_seconds, args.round_seconds,
+                                               args.end_to_end)  # fmt: skip
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

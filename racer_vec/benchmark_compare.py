@@ -1,7 +1,7 @@
 """Side by side: the learner of a reference commit against the working tree's, alternating in one run
 (design §9, docs/performance.md).
 
-    python -m racer_vec.benchmark --compare REF [--rounds 5] [--seconds 10]
+    python -m racer_vec.benchmark --compare REF [--rounds 10] [--round-seconds 3]
 
 The reference runs from a `git worktree` of REF with this interpreter, in its own subprocess that
 imports the worktree's racer_vec and configs (checked: every racer_vec module it loaded lies there);
@@ -124,7 +124,7 @@ def _summary(rates: dict[str, list[float]]) -> dict:
 def compare(ref: str, rounds: int, warmup: float, seconds: float, loop: bool = True) -> dict:
     """Alternate the two trees' measurements for `rounds` rounds; per-round values and their ratios."""
     if rounds <= 0 or seconds <= 0 or warmup < 0:
-        raise ConfigError("--rounds and --seconds must be positive and --warmup-seconds >= 0")
+        raise ConfigError("--rounds and --round-seconds must be positive and --warmup-seconds >= 0")
     requests = {f"learner {p}": {"kind": "learner", "preset": p} for p in PRESETS}
     if loop:
         requests[f"loop {LOOP_PRESET} {LOOP_WORKERS} workers"] = {"kind": "loop", "preset": LOOP_PRESET, "workers": LOOP_WORKERS}

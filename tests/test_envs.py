@@ -198,7 +198,7 @@ import racer_vec.sim
 sim = [m.name for m in pkgutil.walk_packages(racer_vec.sim.__path__, "racer_vec.sim.")]
 assert {"racer_vec.sim.highway", "racer_vec.sim.fast_sim", "racer_vec.sim.rewards", "racer_vec.sim.video"} <= set(sim)
 for name in sim + ["racer_vec", "racer_vec.config", "configs", "train", "evaluate",
-                   "racer_vec.benchmark", "racer_vec.plot", "racer_vec.results", "racer_vec.pendulum",
+                   "racer_vec.benchmark", "racer_vec.profile_learner", "racer_vec.plot", "racer_vec.results", "racer_vec.pendulum",
                    "racer_vec.sweep", "racer_vec.sweep.__main__", "racer_vec.run.evaluation"]:
     importlib.import_module(name)
 print(sorted(m for m in sys.modules if m == "jax" or m.startswith("jax.")))
