@@ -3,6 +3,8 @@
 import collections
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +71,14 @@ def test_profile_of_a_tiny_learner_accounts_for_every_part(tmp_path):
         assert report["by_part"].get(profile_learner.PARTS[part], 0) > 0, part
     assert len(report["top_kernels"]) == 5
     json.dumps(report)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no_such_preset"], "PRESET 'no_such_preset'"),
+    (["highway_fast", "--iterations", "0"], "--iterations"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = subprocess.run([sys.executable, "-m", "racer_vec.profile_learner", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
