@@ -22,6 +22,7 @@ ACTION_DIM = 2
 SPEED = 0
 """Action index 0: the acceleration, or with --env.target-speed-action the target speed (design §3)."""
 STEERING = 1
+"""Action index 1: the steering, or with --env.lane-target-action the target lateral position (design §3)."""
 
 
 KINEMATICS_FEATURES = ("presence", "x", "y", "vx", "vy", "heading")
@@ -75,6 +76,10 @@ class EnvConfig:
     speed_control_gain: float = 1.0
     """Fraction of the speed error the controller closes in one policy step, in (0, 1]: 1 reaches the
     target in one step where the acceleration bounds allow; above 1 it would overshoot."""
+    lane_target_action: bool = False
+    """Action index 1 is a target lateral position across the road rather than a steering angle: -1
+    the first lane's centre, 1 the last lane's, continuous in between; the env layer steers towards it
+    with a lateral controller (design §3), so a lane change is one decision."""
 
     @property
     def obs_dim(self) -> int:
@@ -405,10 +410,16 @@ def _validate_env(env: EnvConfig) -> None:
 
 
 def _validate_across_sections(cfg: TrainConfig) -> None:
-    """The agent's speed cap needs the env's target speed; every (low, high) range, in any section."""
+    """The agent's speed cap needs the env's target speed, a steering limit no lane target; every (low,
+    high) range, in any section."""
     env, reward = cfg.env, cfg.reward
     if cfg.agent.learned_limit and cfg.agent.limited_action == "speed" and not env.target_speed_action:
         raise ConfigError("--agent.limited-action speed caps a target speed: it needs --env.target-speed-action")
+    if cfg.agent.learned_limit and cfg.agent.limited_action == "steering" and env.lane_target_action:
+        raise ConfigError(
+            "--env.lane-target-action with --agent.learned-limit on --agent.limited-action steering: its box [-h, h] "
+            "would keep the car in the middle of the road; use --agent.no-learned-limit or --agent.limited-action speed"
+        )
     for flag, (lo, hi) in (("--reward.speed-range", reward.speed_range), ("--env.reward-speed-range", env.reward_speed_range),
                            ("--env.target-speed-range", env.target_speed_range)):
         if not lo < hi:

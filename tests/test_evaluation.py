@@ -291,7 +291,7 @@ def test_the_release_protocol_clips_the_mean_counts_its_way_and_runs_on_another_
 @pytest.fixture(scope="module")
 def untrained_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of an untrained tiny agent: "speed", whose action 0 is a target speed (design §3),
-    and "accel", whose action 0 is an acceleration."""
+    "accel", whose action 0 is an acceleration, and "lane", with target speed and target lateral position."""
     from conftest import TINY_ARGS
     from racer_vec.config import to_dict
     from racer_vec.learner.agent import init_agent
@@ -299,7 +299,8 @@ def untrained_checkpoints(tmp_path_factory) -> dict[str, Path]:
     from racer_vec.run.train_cli import parse_train_args
 
     paths = {}
-    for name, extra in (("speed", ["--env.target-speed-action"]), ("accel", [])):
+    lane = ["--env.target-speed-action", "--env.lane-target-action"]
+    for name, extra in (("speed", ["--env.target-speed-action"]), ("accel", []), ("lane", lane)):
         cfg = parse_train_args([*TINY_ARGS, *extra])
         directory = tmp_path_factory.mktemp(name) / "checkpoints"
         checkpointer = Checkpointer(directory, keep=1)
@@ -334,6 +335,15 @@ def test_holding_speed_sets_action_0_to_the_speed_on_the_env_s_range_and_keeps_t
     for speed, action0 in ((10, -1.0), (25, 0.0), (31, 0.4), (40, 1.0)):
         actions = holding_speed(policy, speed, env)(np.zeros((3, 48)), np.arange(3), np.zeros(3))
         np.testing.assert_allclose(actions, [[action0, -0.3]] * 3, rtol=1e-6)
+
+
+def test_a_checkpoint_keeps_what_its_actions_mean_on_another_presets_env(untrained_checkpoints):
+    from racer_vec.run.eval_cli import EvalArgs, resolve_target
+
+    args = EvalArgs(checkpoint=str(untrained_checkpoints["lane"]), preset="racer_highway", hold_speed=30.0)
+    env = resolve_target(args).env_cfg
+    assert env.env_id == "highway_env:highway-v0" and env.vehicles_count == 50
+    assert env.target_speed_action and env.lane_target_action
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,8 @@ PresetName = Literal[tuple(configs.PRESETS)]  # type: ignore[valid-type]
 DEFAULT_EPISODES = 20
 RELEASE_EPISODES = 10
 """The release's evaluation script runs 10 episodes by default (design §11)."""
+ACTION_FIELDS = ("target_speed_action", "target_speed_range", "speed_control_gain", "lane_target_action")
+"""The env fields that say what an agent's actions mean (design §3): it keeps them on another preset's env."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,7 @@ def resolve_target(args: EvalArgs) -> Target:
         env = None
         if args.preset is not None:
             env = configs.PRESETS[args.preset].env
+            env = dataclasses.replace(env, **{name: getattr(cfg.env, name) for name in ACTION_FIELDS})
             suffix += f"_on_{args.preset}"
             if cfg.agent.encoder != "pointnet" and env.observed_vehicles != cfg.env.observed_vehicles:
                 raise ConfigError(

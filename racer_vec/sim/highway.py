@@ -35,6 +35,7 @@ import numpy as np
 from gymnasium.envs.registration import load_env_creator
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 from gymnasium.vector.async_vector_env import AsyncState
+from highway_env import utils
 
 from racer_vec.config import ConfigError, EnvConfig
 from racer_vec.sim.video import configure_headless
@@ -99,6 +100,11 @@ def _check_keys(config: dict, known: Container[str], where: str) -> None:
             raise ConfigError(f"unknown highway-env config key '{where}{key}'")
 
 
+def policy_step_s(env_cfg: EnvConfig) -> float:
+    """Seconds per policy step: highway-env holds an action for simulation // policy frequency frames."""
+    return (env_cfg.simulation_frequency // env_cfg.policy_frequency) / env_cfg.simulation_frequency
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeedControl:
     """Action index 0 as a target speed, tracked by a proportional controller (design §3).
@@ -113,17 +119,16 @@ class SpeedControl:
     high: float
     gain: float
     step_s: float
-    """Seconds per policy step: simulation frames per action / simulation frequency."""
+    """Seconds per policy step (`policy_step_s`)."""
     acceleration_range: tuple[float, float]
 
     @classmethod
     def of(cls, env_cfg: EnvConfig, env: gym.Env) -> SpeedControl | None:
         if not env_cfg.target_speed_action:
             return None
-        frames = env_cfg.simulation_frequency // env_cfg.policy_frequency
         low, high = env_cfg.target_speed_range
         accel = tuple(float(a) for a in env.unwrapped.action_type.acceleration_range)
-        return cls(low, high, env_cfg.speed_control_gain, frames / env_cfg.simulation_frequency, accel)
+        return cls(low, high, env_cfg.speed_control_gain, policy_step_s(env_cfg), accel)
 
     def target_speed(self, action0) -> float:
         return self.low + (float(np.clip(action0, -1.0, 1.0)) + 1.0) / 2.0 * (self.high - self.low)
@@ -137,9 +142,82 @@ class SpeedControl:
         return command
 
 
+@dataclasses.dataclass(frozen=True)
+class LaneControl:
+    """Action index 1 as a target lateral position across the road, tracked by a lateral controller
+    (design §3): -1 is the centre of the road's first lane, 1 the centre of its last, continuous in between.
+
+    highway-env's `ControlledVehicle.steering_control` cascade (lateral position error -> lateral
+    speed -> heading -> heading rate -> steering), run once per policy step, because highway-env holds
+    the ego's action for all of the step's frames, on the simulator's own position, heading and speed
+    (the same arithmetic on the stock and the fast simulator). Lateral positions are in the frame of
+    the road's first lane (its centre line is 0).
+    """
+
+    step_s: float
+    """Seconds per policy step (`policy_step_s`)."""
+    steering_range: tuple[float, float]
+
+    TAU_LATERAL = 1.0
+    """Time constant (s) of the lateral approach: one lane (4 m) settles within 0.5 m in about 2 s
+    (τ ln 8 = 2.1 s for a first-order approach; 1.8-2.0 s measured, design §3), a calm lane change;
+    highway-env's own 0.6 s would swerve across in 1.2 s."""
+    MAX_LATERAL_SPEED = 4.0
+    """Cap (m/s) on the lateral speed command: three lanes take about 4 s, with headings of at most
+    0.2 rad at 20 m/s and 0.1 rad at 40 m/s; an uncapped 12 m error would ask for 12 m/s."""
+    MAX_HEADING = math.pi / 4
+    """Cap (rad) on the heading command relative to the road, highway-env's own (binding below 5.7 m/s)."""
+
+    @classmethod
+    def of(cls, env_cfg: EnvConfig, env: gym.Env) -> LaneControl | None:
+        if not env_cfg.lane_target_action:
+            return None
+        steering = tuple(float(s) for s in env.unwrapped.action_type.steering_range)
+        return cls(policy_step_s(env_cfg), steering)
+
+    @staticmethod
+    def target_lateral(action1, outer_lateral: float) -> float:
+        """The target lateral position of `action1`, with the last lane's centre at `outer_lateral`."""
+        return (float(np.clip(action1, -1.0, 1.0)) + 1.0) / 2.0 * outer_lateral
+
+    def steering(self, target: float, lateral: float, heading: float, speed: float, length: float) -> float:
+        """The steering angle (rad) that, held for a step, steers from `lateral` towards `target`.
+
+        `heading` is relative to the road. The heading rate brings the heading to its command by the
+        end of the step (a one-step deadbeat, like SpeedControl's gain 1), and the bicycle model's
+        heading rate `v sin(β) / (L/2)`, with `tan δ = 2 tan β`, gives the steering angle δ.
+        """
+        speed = utils.not_zero(speed)
+        lateral_speed = np.clip((target - lateral) / self.TAU_LATERAL, -self.MAX_LATERAL_SPEED, self.MAX_LATERAL_SPEED)
+        heading_command = np.clip(np.arcsin(np.clip(lateral_speed / speed, -1, 1)), -self.MAX_HEADING, self.MAX_HEADING)
+        heading_rate = utils.wrap_to_pi(heading_command - heading) / self.step_s
+        slip = np.arcsin(np.clip(length / 2 / speed * heading_rate, -1, 1))
+        return float(np.arctan(2 * np.tan(slip)))
+
+    def __call__(self, action: np.ndarray, vehicle) -> np.ndarray:
+        """The ContinuousAction that steers `vehicle` towards `action[1]`'s target lateral position."""
+        first, last = self._outer_lanes(vehicle)
+        longitudinal, lateral = first.local_coordinates(vehicle.position)
+        outer_lateral = first.local_coordinates(last.position(longitudinal, 0.0))[1]
+        target = self.target_lateral(action[1], outer_lateral)
+        heading = vehicle.heading - first.heading_at(longitudinal)
+        angle = self.steering(target, lateral, heading, vehicle.speed, vehicle.LENGTH)
+        lo, hi = self.steering_range
+        command = np.array(action, dtype=np.float64)
+        command[1] = np.clip(2.0 * (angle - lo) / (hi - lo) - 1.0, -1.0, 1.0)
+        return command
+
+    @staticmethod
+    def _outer_lanes(vehicle):
+        """The first and the last lane of the road the vehicle is on (highway-env's lane order)."""
+        from_, to, _ = vehicle.lane_index
+        lanes = vehicle.road.network.graph[from_][to]
+        return lanes[0], lanes[-1]
+
+
 class HighwayLayer(gym.Wrapper):
     """Flat clipped observation, enriched info, the env layer's offroad rules and, with
-    --env.target-speed-action, the speed controller (design §3)."""
+    --env.target-speed-action and --env.lane-target-action, the speed and lateral controllers (design §3)."""
 
     def __init__(
         self,
@@ -147,6 +225,7 @@ class HighwayLayer(gym.Wrapper):
         max_offroad_steps: int,
         offroad_termination_reward: float,
         speed_control: SpeedControl | None = None,
+        lane_control: LaneControl | None = None,
     ):
         super().__init__(env)
         self.observation_space = gym.spaces.Box(
@@ -155,6 +234,7 @@ class HighwayLayer(gym.Wrapper):
         self.max_offroad_steps = max_offroad_steps
         self.offroad_termination_reward = offroad_termination_reward
         self.speed_control = speed_control
+        self.lane_control = lane_control
         self.offroad_steps = 0
 
     def _observation(self, obs: np.ndarray) -> np.ndarray:
@@ -187,8 +267,11 @@ class HighwayLayer(gym.Wrapper):
         return self._observation(obs), self._info(info)
 
     def step(self, action):
+        vehicle = self.env.unwrapped.vehicle
         if self.speed_control is not None:
-            action = self.speed_control(action, self.env.unwrapped.vehicle.speed)
+            action = self.speed_control(action, vehicle.speed)
+        if self.lane_control is not None:
+            action = self.lane_control(action, vehicle)
         obs, reward, terminated, truncated, info = self.env.step(action)
         info = self._info(info)
         self.offroad_steps = self.offroad_steps + 1 if info["offroad"] else 0
@@ -303,7 +386,11 @@ def make_env(
         env.close()
         raise
     layer = HighwayLayer(
-        env, env_cfg.max_offroad_steps, env_cfg.offroad_termination_reward, SpeedControl.of(env_cfg, env)
+        env,
+        env_cfg.max_offroad_steps,
+        env_cfg.offroad_termination_reward,
+        SpeedControl.of(env_cfg, env),
+        LaneControl.of(env_cfg, env),
     )
     env = TagErrors(layer, env_index)
     if seed is not None:
