@@ -137,7 +137,7 @@ class SpeedControl:
         return command
 
 
-class HighwayLayer(gym.Wrapper):
+class HighwayLayer(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Flat clipped observation, enriched info, the env layer's offroad rules and, with
     --env.target-speed-action, the speed controller (design §3)."""
 
@@ -148,6 +148,13 @@ class HighwayLayer(gym.Wrapper):
         offroad_termination_reward: float,
         speed_control: SpeedControl | None = None,
     ):
+        # recorded in env.spec, so that gymnasium can make this env again (design §3, gymnasium ids)
+        gym.utils.RecordConstructorArgs.__init__(
+            self,
+            max_offroad_steps=max_offroad_steps,
+            offroad_termination_reward=offroad_termination_reward,
+            speed_control=speed_control,
+        )
         super().__init__(env)
         self.observation_space = gym.spaces.Box(
             -OBS_CLIP, OBS_CLIP, shape=(math.prod(env.observation_space.shape),), dtype=np.float32
@@ -187,6 +194,9 @@ class HighwayLayer(gym.Wrapper):
         return self._observation(obs), self._info(info)
 
     def step(self, action):
+        # a new array: highway-env's info holds the action it was given, and no two steps' infos may share
+        # an object (a caller may step one array twice)
+        action = np.array(action)
         if self.speed_control is not None:
             action = self.speed_control(action, self.env.unwrapped.vehicle.speed)
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -201,10 +211,11 @@ class HighwayLayer(gym.Wrapper):
         return self._observation(obs), reward, terminated, bool(truncated), info
 
 
-class TagErrors(gym.Wrapper):
+class TagErrors(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Re-raise any exception of step/reset as EnvWorkerError carrying this worker's index."""
 
     def __init__(self, env: gym.Env, env_index: int):
+        gym.utils.RecordConstructorArgs.__init__(self, env_index=env_index)
         super().__init__(env)
         self.env_index = env_index
 
