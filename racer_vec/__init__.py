@@ -43,6 +43,12 @@ class _RegisterOnImport:
         return spec
 
 
+if getattr(sys, "argv", [])[:1] == ["-m"]:
+    # `python -m racer_vec.<tool>` imports racer_vec while it locates the tool, before the tool's own imports
+    from racer_vec.missing_dependency import report_missing_dependencies
+
+    report_missing_dependencies()
+
 if "gymnasium" in sys.modules:
     _register_envs(sys.modules["gymnasium"])
 else:
