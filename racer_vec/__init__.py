@@ -18,25 +18,34 @@ ENV_IDS = {
 
 def _register_envs(gymnasium) -> None:
     for env_id, preset in ENV_IDS.items():
-        gymnasium.register(env_id, entry_point="racer_vec.sim.gym_envs:make_preset_env", kwargs={"preset": preset})
+        gymnasium.register(
+            env_id, entry_point="racer_vec.sim.gym_envs:make_preset_env", kwargs={"preset": preset}
+        )
 
 
 class _RegisterOnImport:
-    """A meta path finder for gymnasium alone: gymnasium's own loader imports it, then the ids are registered."""
+    """A meta path finder for gymnasium alone: gymnasium's own loader imports it, then the ids are
+    registered and the finder leaves sys.meta_path (a find_spec alone, as in a check that gymnasium
+    is installed, leaves it in place)."""
 
     @staticmethod
     def find_spec(name, path=None, target=None):
         if name != "gymnasium":
             return None
-        sys.meta_path.remove(_RegisterOnImport)
         import importlib.util
 
-        spec = importlib.util.find_spec(name)
+        sys.meta_path.remove(_RegisterOnImport)  # while the other finders find gymnasium
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, _RegisterOnImport)
         if spec is not None:
             exec_module = spec.loader.exec_module
 
             def exec_then_register(module):
                 exec_module(module)
+                if _RegisterOnImport in sys.meta_path:
+                    sys.meta_path.remove(_RegisterOnImport)
                 _register_envs(module)
 
             spec.loader.exec_module = exec_then_register

@@ -18,7 +18,9 @@ from racer_vec.sim.highway import make_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = "racer_vec/highway-fast-v0"
-ACTION_OPTIONS = [f.name for f in dataclasses.fields(EnvConfig) if f.name.endswith("_action") and isinstance(f.default, bool)]
+ACTION_OPTIONS = [
+    f.name for f in dataclasses.fields(EnvConfig) if f.name.endswith("_action") and isinstance(f.default, bool)
+]
 """EnvConfig's switches of what an action means (target_speed_action, ...), each checked on its own."""
 
 
@@ -51,19 +53,27 @@ def test_each_id_makes_its_presets_env(env_id):
     assert_same_episode(env, preset_env)
 
 
-@pytest.mark.parametrize("first", ["racer_vec", "gymnasium"])
-def test_ids_are_registered_whichever_is_imported_first(first):
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        ("import racer_vec", "import gymnasium"),
+        ("import gymnasium", "import racer_vec"),
+        # a check that gymnasium is installed, before its import
+        ("import racer_vec", "import importlib.util\nimportlib.util.find_spec('gymnasium')\nimport gymnasium"),
+    ],
+)
+def test_ids_are_registered_whichever_is_imported_first(first, then):
     """racer_vec registers its ids without importing gymnasium itself (design §2: it must stay light)."""
-    second = {"racer_vec": "gymnasium", "gymnasium": "racer_vec"}[first]
     code = f"""
 import sys
-import {first}
+{first}
 print("gymnasium" in sys.modules)
-import {second}
+{then}
 print(sorted(i for i in sys.modules["gymnasium"].registry if i.startswith("racer_vec/")))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert out.stdout.split("\n", 1) == [str(first == "gymnasium"), f"{sorted(ENV_IDS)}\n"], out.stderr[-2000:]
+    registered = f"{sorted(ENV_IDS)}\n"
+    assert out.stdout.split("\n", 1) == [str(first == "import gymnasium"), registered], out.stderr[-2000:]
 
 
 @pytest.mark.filterwarnings("ignore:.*is different from the unwrapped version")  # the env layer is wrappers
@@ -99,7 +109,8 @@ def test_spec_makes_the_same_env_again(option):
 
 
 def test_a_keyword_that_is_no_env_field_is_named_with_the_valid_ones():
-    with pytest.raises(TypeError, match="unknown keyword 'speed_limit' for highway_fast's env; its keywords: .*target_speed_action"):
+    named = "unknown keyword 'speed_limit' for highway_fast's env; its keywords: .*target_speed_action"
+    with pytest.raises(TypeError, match=named):
         gym.make(FAST, speed_limit=30)
     with pytest.raises(ConfigError, match="--env.speed-control-gain must be in"):
         gym.make(FAST, speed_control_gain=2.0)

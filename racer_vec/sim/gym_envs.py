@@ -22,7 +22,9 @@ def make_preset_env(preset: str, render_mode: str | None = None, **fields) -> gy
     names = [f.name for f in dataclasses.fields(EnvConfig)]
     unknown = [name for name in fields if name not in names]
     if unknown:
-        raise TypeError(f"unknown keyword '{unknown[0]}' for {preset}'s env; its keywords: render_mode, {', '.join(names)}")
+        raise TypeError(
+            f"unknown keyword '{unknown[0]}' for {preset}'s env; its keywords: render_mode, {', '.join(names)}"
+        )
     train_cfg = configs.PRESETS[preset]
     env_cfg = dataclasses.replace(train_cfg.env, **fields)
     resolve(dataclasses.replace(train_cfg, env=env_cfg))
