@@ -191,13 +191,18 @@ def test_env_worker_error_pickles_and_survives_gymnasiums_rewrap():
 
 def test_no_jax_in_worker_imports():
     """Design §2: the whole simulator side, the config, the presets, the entry points' and the
-    tools' -m modules import no JAX (workers re-import them as __mp_main__)."""
+    tools' -m modules import no JAX (workers re-import them as __mp_main__); the simulator side
+    imports nothing of the run, learner or sweep side."""
     code = """
 import importlib, pkgutil, sys
 import racer_vec.sim
 sim = [m.name for m in pkgutil.walk_packages(racer_vec.sim.__path__, "racer_vec.sim.")]
 assert {"racer_vec.sim.highway", "racer_vec.sim.fast_sim", "racer_vec.sim.rewards", "racer_vec.sim.video"} <= set(sim)
-for name in sim + ["racer_vec", "racer_vec.config", "configs", "train", "evaluate",
+for name in sim:
+    importlib.import_module(name)
+other_side = sorted(m for m in sys.modules if m.startswith(("racer_vec.run", "racer_vec.learner", "racer_vec.sweep")))
+assert not other_side, other_side
+for name in ["racer_vec", "racer_vec.config", "configs", "train", "evaluate",
                    "racer_vec.benchmark", "racer_vec.plot", "racer_vec.results", "racer_vec.pendulum",
                    "racer_vec.sweep", "racer_vec.sweep.__main__", "racer_vec.run.evaluation"]:
     importlib.import_module(name)

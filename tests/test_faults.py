@@ -23,9 +23,9 @@ from racer_vec.run import checkpoint_files
 from racer_vec.run.jsonl import append_jsonl, read_jsonl
 from racer_vec.run.run_dir import RunDirectory
 from racer_vec.run.run_lock import LOCK_FD_ENV, RunLock
-from racer_vec.run.write_failures import WriteFailed
 from racer_vec.sweep import trial, watchdog
 from racer_vec.sweep.__main__ import main as sweep_main
+from racer_vec.write_failures import WriteFailed
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
@@ -177,7 +177,7 @@ CHECKPOINT_ON_A_FULL_DISK = """
 import sys
 import numpy as np
 from racer_vec.run.checkpoints import Checkpointer
-from racer_vec.run.write_failures import WriteFailed
+from racer_vec.write_failures import WriteFailed
 checkpointer = Checkpointer(sys.argv[1], keep=5)
 checkpointer.save(1, {"a": np.zeros(10, np.float32)}, {"n": 1})
 big = {f"x{i}": np.random.default_rng(i).normal(size=20000).astype(np.float32) for i in range(8)}

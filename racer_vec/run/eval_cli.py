@@ -25,9 +25,9 @@ from racer_vec.run.evaluation import (
     METRICS_FILE, EpisodeRecord, EvaluationInterrupted, Evaluator, Filming, Policy, format_summary, summarize,
 )  # fmt: skip
 from racer_vec.run.signals import stop_signals
-from racer_vec.run.write_failures import WriteFailed, check_output_dir, write_atomically
 from racer_vec.sim import highway
 from racer_vec.sim.video import VideoRecorder
+from racer_vec.write_failures import WriteFailed, check_output_dir, write_atomically
 
 PresetName = Literal[tuple(configs.PRESETS)]  # type: ignore[valid-type]
 DEFAULT_EPISODES = 20

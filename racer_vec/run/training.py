@@ -28,9 +28,9 @@ from racer_vec.run.evaluation import EvaluationInterrupted, Evaluator
 from racer_vec.run.progress import ProgressDisplay
 from racer_vec.run.run_dir import RunDirectory
 from racer_vec.run.signals import ignore_stop_signals, stop_signals
-from racer_vec.run.write_failures import WriteFailed
 from racer_vec.sim import highway
 from racer_vec.sim.rewards import training_reward
+from racer_vec.write_failures import WriteFailed
 
 EMA_WEIGHT = 0.01
 

@@ -215,7 +215,7 @@ class LaneControl:
         return lanes[0], lanes[-1]
 
 
-class HighwayLayer(gym.Wrapper):
+class HighwayLayer(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Flat clipped observation, enriched info, the env layer's offroad rules and, with
     --env.target-speed-action and --env.lane-target-action, the speed and lateral controllers (design §3)."""
 
@@ -227,6 +227,14 @@ class HighwayLayer(gym.Wrapper):
         speed_control: SpeedControl | None = None,
         lane_control: LaneControl | None = None,
     ):
+        # recorded in env.spec, so that gymnasium can make this env again (design §3, gymnasium ids)
+        gym.utils.RecordConstructorArgs.__init__(
+            self,
+            max_offroad_steps=max_offroad_steps,
+            offroad_termination_reward=offroad_termination_reward,
+            speed_control=speed_control,
+            lane_control=lane_control,
+        )
         super().__init__(env)
         self.observation_space = gym.spaces.Box(
             -OBS_CLIP, OBS_CLIP, shape=(math.prod(env.observation_space.shape),), dtype=np.float32
@@ -267,6 +275,9 @@ class HighwayLayer(gym.Wrapper):
         return self._observation(obs), self._info(info)
 
     def step(self, action):
+        # a new array: highway-env's info holds the action it was given, and no two steps' infos may share
+        # an object (a caller may step one array twice)
+        action = np.array(action)
         vehicle = self.env.unwrapped.vehicle
         if self.speed_control is not None:
             action = self.speed_control(action, vehicle.speed)
@@ -284,10 +295,11 @@ class HighwayLayer(gym.Wrapper):
         return self._observation(obs), reward, terminated, bool(truncated), info
 
 
-class TagErrors(gym.Wrapper):
+class TagErrors(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Re-raise any exception of step/reset as EnvWorkerError carrying this worker's index."""
 
     def __init__(self, env: gym.Env, env_index: int):
+        gym.utils.RecordConstructorArgs.__init__(self, env_index=env_index)
         super().__init__(env)
         self.env_index = env_index
 

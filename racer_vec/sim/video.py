@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from racer_vec.run.write_failures import WriteFailed, writing
+from racer_vec.write_failures import WriteFailed, writing
 
 PANEL_HEIGHT = 40
 """Pixels of the text panel above each frame (two lines)."""
