@@ -92,7 +92,7 @@ def test_the_fields_are_found():
     assert {"num_envs", "agent.cvar_risk", "env.vehicles_density", "reward.speed_range", "agent.hidden_dims",
             "agent.target_entropy", "eval_seed", "max_worker_restarts"} <= paths  # fmt: skip
     assert {path for path, _ in EVAL_FIELDS} == {"num_episodes", "num_workers", "seed", "max_videos", "duration",
-                                                 "constant_action", "hold_speed"}  # fmt: skip
+                                                 "constant_action", "hold_speed", "idm_target_speed"}  # fmt: skip
     assert all(flag in {flag_name(p) for p in paths} for flag, _ in ACCEPTED)
 
 

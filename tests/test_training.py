@@ -37,10 +37,11 @@ def test_tiny_run_writes_config_metrics_and_checkpoints(tiny_run):
         assert np.isfinite(row["critic_loss"])
     assert rows[0].get("critic_loss") is None  # no update before start_training
     assert "episode_return_mean" in rows[-1] and rows[-1]["episodes_total"] >= 10
+    assert {"episode_lane_changes_mean", "episode_overtakes_mean", "episode_distance_mean"} <= rows[-1].keys()
     # one agent update per vector step once training started at 100 env steps (2 envs)
     assert rows[-1]["updates"] == (400 - 100) // 2
     assert rows[-1]["critic_utd"] == pytest.approx(2 * 1 / 2)
-    assert {"eval/mean_return", "eval/collision_rate", "eval/num_episodes"} <= rows[1].keys()
+    assert {"eval/mean_return", "eval/collision_rate", "eval/num_episodes", "eval/mean_overtakes"} <= rows[1].keys()
     assert rows[1]["eval/num_episodes"] == 2
     steps = sorted(int(p.name) for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [200, 400]

@@ -24,6 +24,7 @@ from racer_vec.run.checkpoint_files import (
 from racer_vec.run.evaluation import (
     METRICS_FILE, EpisodeRecord, EvaluationInterrupted, Evaluator, Filming, Policy, format_summary, summarize,
 )  # fmt: skip
+from racer_vec.run.provenance import machine_info, source_commit
 from racer_vec.run.signals import stop_signals
 from racer_vec.sim import highway
 from racer_vec.sim.video import VideoRecorder
@@ -35,6 +36,8 @@ RELEASE_EPISODES = 10
 """The release's evaluation script runs 10 episodes by default (design §11)."""
 ACTION_FIELDS = ("target_speed_action", "target_speed_range", "speed_control_gain", "lane_target_action")
 """The env fields that say what an agent's actions mean (design §3): it keeps them on another preset's env."""
+IDM_TARGET_SPEED = 40.0
+"""The `idm` baseline's target speed unless --idm-target-speed (m/s)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +47,18 @@ class EvalArgs:
     checkpoint: str | None = None
     """A run directory, its checkpoints/ directory, or one step's directory (else the latest step).
     The agent and the env are rebuilt from the checkpoint's own saved config."""
-    policy: Literal["agent", "zero", "constant", "random"] = "agent"
+    policy: Literal["agent", "zero", "constant", "random", "idm"] = "agent"
     """`agent`: the checkpoint's actor. Baselines: `zero`, `constant` (--constant-action), `random`
-    (uniform); they need --preset, or a --checkpoint whose env they then use."""
+    (uniform), `idm` (highway-env's IDM + MOBIL driver drives the ego: the textbook driver); they need
+    --preset, or (all but `idm`) a --checkpoint whose env they then use."""
     preset: PresetName | None = None
     """The preset whose env a baseline policy runs on; with a checkpoint, run its agent on that preset's
     env instead of its own (a PointNet agent runs on any number of observed vehicles)."""
     constant_action: tuple[float, float] = (0.5, 0.0)
     """The `constant` baseline's action: acceleration, steering, in [-1, 1]."""
+    idm_target_speed: float | None = None
+    """The `idm` baseline's target speed (m/s; default 40). highway-env caps it at the lane's speed
+    limit, 30 m/s on the highway envs' roads."""
     num_episodes: int | None = None
     """Episodes; default: 20, or 10 with --protocol release (the release script's default)."""
     num_workers: int = 4
@@ -102,8 +109,17 @@ def episodes_of(args: EvalArgs) -> int:
     return RELEASE_EPISODES if args.protocol == "release" else DEFAULT_EPISODES
 
 
+def idm_speed(args: EvalArgs) -> float | None:
+    """The `idm` baseline's target speed; None for every other policy."""
+    if args.policy != "idm":
+        return None
+    return IDM_TARGET_SPEED if args.idm_target_speed is None else args.idm_target_speed
+
+
 def action_rule(args: EvalArgs) -> str:
     """How the evaluated policy acts, as results files and tables name it."""
+    if args.policy == "idm":
+        return f"idm, {idm_speed(args):g} m/s target"
     if args.policy != "agent":
         return args.policy
     rule = "clip(mean)" if args.protocol == "release" else "tanh(mean)" if args.deterministic else "sampled"
@@ -122,6 +138,13 @@ def validate_args(args: EvalArgs) -> None:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
     if not all(-1.0 <= a <= 1.0 for a in args.constant_action):
         raise ConfigError(f"--constant-action must be in [-1, 1], got {args.constant_action}")
+    if args.idm_target_speed is not None:
+        if args.policy != "idm":
+            raise ConfigError(f"--idm-target-speed applies to --policy idm, not to --policy {args.policy}")
+        if not args.idm_target_speed > 0:
+            raise ConfigError(f"--idm-target-speed must be positive, got {args.idm_target_speed:g}")
+    if args.policy == "idm" and args.checkpoint is not None:
+        raise ConfigError("--policy idm drives highway-env's own IDM driver: give --preset NAME, not --checkpoint")
     if args.policy == "agent":
         if args.checkpoint is None:
             raise ConfigError("--checkpoint is required to evaluate an agent (or choose a baseline with --policy)")
@@ -141,7 +164,8 @@ def resolve_target(args: EvalArgs) -> Target:
     """The config and names of what `args` evaluates; ConfigError for a bad checkpoint path."""
     if args.checkpoint is None:
         cfg = configs.PRESETS[args.preset]
-        label = f"{args.policy}_{args.preset}"
+        speed = idm_speed(args)
+        label = f"{args.policy}{'' if speed is None else f'{speed:g}'}_{args.preset}"
         target = Target(resolve(cfg), label, Path("eval") / label)
     else:
         path = Path(args.checkpoint)
@@ -212,7 +236,7 @@ def holding_speed(policy: Policy, speed: float, env_cfg: EnvConfig) -> Policy:
 
 def build_policy(args: EvalArgs, target: Target) -> Policy:
     """The action function of the evaluated policy (loads and checks the checkpoint for `agent`)."""
-    if args.policy == "zero":
+    if args.policy in ("zero", "idm"):  # idm: the env layer's driver ignores the actions
         return lambda obs, ids, steps: np.zeros((obs.shape[0], ACTION_DIM), np.float32)
     if args.policy == "constant":
         action = np.asarray(args.constant_action, np.float32)
@@ -298,6 +322,7 @@ def run_evaluation(args: EvalArgs) -> int:
     check_output_dir("--output-dir" if args.output_dir is not None else "the default --output-dir", target.output_dir)
     env_cfg = target.env_cfg
     highway.check_env(env_cfg)  # the env config (unknown keys or id) is checked before anything else starts
+    commit = source_commit()  # git runs before JAX starts (JAX warns about a fork after it)
     policy = build_policy(args, target)
     if args.hold_speed is not None:
         policy = holding_speed(policy, args.hold_speed, env_cfg)
@@ -305,7 +330,10 @@ def run_evaluation(args: EvalArgs) -> int:
     num_filmed = min(args.max_videos, num_episodes) if args.render else 0
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
     num_workers = min(args.num_workers, num_episodes)
-    evaluator = Evaluator(env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0)
+    evaluator = Evaluator(
+        env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0,
+        idm_ego_speed=idm_speed(args),
+    )  # fmt: skip
     interrupted = []
     try:
         # Ctrl-C (and SIGTERM, design §10) stops between vector steps (the workers ignore SIGINT, design §8)
@@ -337,7 +365,8 @@ def run_evaluation(args: EvalArgs) -> int:
         evaluator.close()
     videos = recorder.written if recorder is not None else {}
     try:
-        summary = write_metrics(args, target, episodes, videos, num_workers)
+        provenance = {**commit, "machine": machine_info()}
+        summary = write_metrics(args, target, episodes, videos, num_workers, provenance)
     except WriteFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -348,9 +377,11 @@ def run_evaluation(args: EvalArgs) -> int:
     return 0
 
 
-def write_metrics(args: EvalArgs, target: Target, episodes: list[EpisodeRecord], videos: dict, num_workers: int):
-    """Write evaluation_metrics.json (the summary, every episode with its video, the evaluation's settings);
-    returns the summary."""
+def write_metrics(
+    args: EvalArgs, target: Target, episodes: list[EpisodeRecord], videos: dict, num_workers: int, provenance: dict
+):
+    """Write evaluation_metrics.json (the summary, every episode with its video, the evaluation's settings
+    and `provenance`, the commit and machine); returns the summary."""
     summary = {
         **summarize(episodes, release=args.protocol == "release"),
         "protocol": args.protocol,
@@ -362,7 +393,12 @@ def write_metrics(args: EvalArgs, target: Target, episodes: list[EpisodeRecord],
         "summary": summary,
         "episodes": [{**e.to_json(), "video": str(videos[e.episode]) if e.episode in videos else None} for e in episodes],
         "config": {
-            "evaluation": {**dataclasses.asdict(args), "num_episodes": len(episodes), "num_workers_used": num_workers},
+            "evaluation": {
+                **dataclasses.asdict(args), "idm_target_speed": idm_speed(args), "num_episodes": len(episodes),
+                "num_workers_used": num_workers, "label": target.label,
+            },  # fmt: skip
+            # where the numbers came from (a baseline's results file has no run to say it)
+            "provenance": provenance,
             "checkpoint": checkpoint,
             "train": to_dict(target.cfg),
             # the env the episodes ran on: the config's, or --preset's, with --duration applied

@@ -66,6 +66,12 @@ class EpisodeRecord:
     term, and -5 on every step off highway-env's road."""
     release_speed: float
     """The release's speed (design §11): mean over steps of |(vx, vy)| of the ego's observation before the step."""
+    lane_changes: int
+    """Steps on which the ego's lane changed (design §3's driving diagnostics)."""
+    overtakes: int
+    """Vehicles the ego passed minus vehicles that passed it."""
+    distance: float
+    """The ego's progress along the road (m)."""
 
     def to_json(self) -> dict:
         return {("return" if k == "episode_return" else k): v for k, v in dataclasses.asdict(self).items()}
@@ -92,6 +98,9 @@ def summarize(episodes: list[EpisodeRecord], release: bool = False) -> dict:
         "mean_ego_speed": float(np.mean([e.release_speed if release else e.ego_speed for e in episodes])),
         "mean_training_return": float(np.mean([e.training_return for e in episodes])),
         "offroad_episode_rate": float(offroad.mean()),
+        "mean_lane_changes": float(np.mean([e.lane_changes for e in episodes])),
+        "mean_overtakes": float(np.mean([e.overtakes for e in episodes])),
+        "mean_distance": float(np.mean([e.distance for e in episodes])),
     }
 
 
@@ -112,6 +121,10 @@ def format_summary(summary: dict) -> str:
             f"Mean Min Distance: {'n/a' if distance is None else f'{distance:.2f}m'}",
             f"Mean Ego Speed: {summary['mean_ego_speed']:.1f} m/s",
         ]
+        + ([f"Mean Lane Changes: {summary['mean_lane_changes']:.1f}",
+            f"Mean Overtakes: {summary['mean_overtakes']:.1f}",
+            f"Mean Distance: {summary['mean_distance']:.0f} m"]
+           if "mean_lane_changes" in summary else [])  # summaries written before the diagnostics
         + ([f"Protocol: {summary['protocol']}, actions {summary['action_rule']}, {summary['env_id']}"]
            if "protocol" in summary else [])  # fmt: skip
     )
@@ -130,6 +143,9 @@ class EpisodeAccumulator:
         self.release_return = np.zeros(num_envs)
         self.observed_speed_sum = np.zeros(num_envs)
         self.length = np.zeros(num_envs, dtype=np.int64)
+        self.lane_changes = np.zeros(num_envs, dtype=np.int64)
+        self.overtakes = np.zeros(num_envs, dtype=np.int64)
+        self.distance = np.zeros(num_envs)
 
     def reset(self, mask: np.ndarray) -> None:
         for array in vars(self).values():
@@ -149,6 +165,9 @@ class EpisodeAccumulator:
         self.distance_steps += near
         self.speed_sum += values["forward_speed"]
         self.length += 1
+        self.lane_changes += values["lane_change"]
+        self.overtakes += values["overtakes"]
+        self.distance += values["distance"]
 
     def record(self, i: int, episode: int, seed: int, crashed: bool, offroad_terminated: bool) -> EpisodeRecord:
         length = int(self.length[i])
@@ -166,6 +185,9 @@ class EpisodeAccumulator:
             ego_speed=float(self.speed_sum[i] / length),
             release_return=float(self.release_return[i]),
             release_speed=float(self.observed_speed_sum[i] / length),
+            lane_changes=int(self.lane_changes[i]),
+            overtakes=int(self.overtakes[i]),
+            distance=float(self.distance[i]),
         )
 
 
@@ -276,7 +298,11 @@ def _has_frame(infos: dict, n: int) -> np.ndarray:
 class Evaluator:
     """Runs evaluation episodes on its own DISABLED-autoreset vector env, kept open between calls."""
 
-    def __init__(self, env_cfg: EnvConfig, reward_params: RewardParams, num_workers: int, *, render: bool = False):
+    def __init__(
+        self, env_cfg: EnvConfig, reward_params: RewardParams, num_workers: int, *, render: bool = False,
+        idm_ego_speed: float | None = None,
+    ):  # fmt: skip
+        """`idm_ego_speed`: highway-env's IDM driver with that target speed drives (highway.make_env)."""
         self.reward_params = reward_params
         self.offroad_termination_reward = env_cfg.offroad_termination_reward
         self.num_workers = num_workers
@@ -288,6 +314,7 @@ class Evaluator:
             autoreset_mode=AutoresetMode.DISABLED,
             render_mode="rgb_array" if render else None,
             wrapper=highway.EpisodeControl,
+            idm_ego_speed=idm_ego_speed,
         )
         self.faulted = False
 

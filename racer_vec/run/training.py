@@ -79,41 +79,40 @@ def ema_over_sequence(ema: float | None, values: np.ndarray, weight: float) -> f
 
 
 class EpisodeTracker:
-    """Running returns and lengths of the N current episodes, and the ones finished since the last log."""
+    """Running sums of the N current episodes, and the finished ones' since the last log: the env's
+    return, the training return, the length and the driving diagnostics (design §3)."""
+
+    DIAGNOSTICS = {"lane_changes": "lane_change", "overtakes": "overtakes", "distance": "distance"}
+    """Logged name (`episode_<name>_mean`) -> the step's info key it sums."""
 
     def __init__(self, num_envs: int):
-        self.returns = np.zeros(num_envs)
-        self.training_returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-        self.finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        names = ("return", "training_return", "length", *self.DIAGNOSTICS)
+        self.sums = {name: np.zeros(num_envs) for name in names}
+        self.finished: list[dict[str, np.ndarray]] = []
 
     def abandon(self) -> None:
         """The running episodes end unfinished (their workers were replaced): they are not counted."""
-        self.returns[:] = 0.0
-        self.training_returns[:] = 0.0
-        self.lengths[:] = 0
+        for running in self.sums.values():
+            running[:] = 0.0
 
-    def step(self, env_reward, train_reward, done) -> None:
-        self.returns += env_reward
-        self.training_returns += train_reward
-        self.lengths += 1
+    def step(self, env_reward, train_reward, done, values: dict) -> None:
+        """`values`: the step's highway.step_values."""
+        increments = {"return": env_reward, "training_return": train_reward, "length": 1}
+        increments |= {name: values[key] for name, key in self.DIAGNOSTICS.items()}
+        for name, increment in increments.items():
+            self.sums[name] += increment
         if done.any():
-            self.finished.append((self.returns[done], self.training_returns[done], self.lengths[done]))
-            self.returns[done] = 0.0
-            self.training_returns[done] = 0.0
-            self.lengths[done] = 0
+            self.finished.append({name: running[done] for name, running in self.sums.items()})
+            for running in self.sums.values():
+                running[done] = 0.0
 
     def pop_means(self) -> dict:
         if not self.finished:
             return {}
-        returns, train_returns, lengths = (np.concatenate(parts) for parts in zip(*self.finished))
+        finished = {name: np.concatenate([f[name] for f in self.finished]) for name in self.sums}
         self.finished = []
-        return {
-            "episode_return_mean": float(returns.mean()),
-            "episode_training_return_mean": float(train_returns.mean()),
-            "episode_length_mean": float(lengths.mean()),
-            "episodes_in_interval": int(returns.size),
-        }
+        means = {f"episode_{name}_mean": float(values.mean()) for name, values in finished.items()}
+        return {**means, "episodes_in_interval": int(finished["length"].size)}
 
 
 def _crossed(before: int, after: int, interval: int) -> bool:
@@ -315,7 +314,7 @@ class Trainer:
         self.stored = min(self.stored + cfg.num_envs, cfg.buffer_size)
 
         done = terminated | truncated
-        self.tracker.step(env_reward, train_reward, done)
+        self.tracker.step(env_reward, train_reward, done, values)
         c.env_steps += cfg.num_envs
         c.speed_ema = ema_over_sequence(c.speed_ema, np.array([values["forward_speed"].mean()]), EMA_WEIGHT)
         crashed = values["crashed"][done].astype(np.float64)

@@ -15,6 +15,9 @@ Info keys of every step and reset (`STEP_KEYS` plus `rewards`), per worker:
   nearest_distance    float  metres to the nearest other vehicle, centre to centre (inf when none)
   offroad_terminated  bool   this step terminated the episode without a crash
   on_road             bool   highway-env's own `on_road` (the release's offroad test, design §11)
+  lane_change         int    1 if the ego's lane differs from the previous step's (driving.DrivingDiagnostics)
+  overtakes           int    vehicles the ego passed this step minus those that passed it
+  distance            float  metres of the ego's progress along the road this step
   rewards             dict   highway-env's reward terms (as floats)
 """
 
@@ -38,10 +41,12 @@ from gymnasium.vector.async_vector_env import AsyncState
 from highway_env import utils
 
 from racer_vec.config import ConfigError, EnvConfig
+from racer_vec.sim.driving import DIAGNOSTIC_KEYS, DrivingDiagnostics, IdmEgo
 from racer_vec.sim.video import configure_headless
 
 OBS_CLIP = 100.0
-STEP_KEYS = ("offroad", "crashed", "speed", "forward_speed", "nearest_distance", "offroad_terminated", "on_road")
+STEP_KEYS = ("offroad", "crashed", "speed", "forward_speed", "nearest_distance", "offroad_terminated", "on_road",
+             *DIAGNOSTIC_KEYS)
 """Scalar per-step info values; `step_values` also returns the `rewards` dict."""
 DEAD_WORKER_POLL_S = 2.0
 """How long find_failed_worker waits for a dead worker's exit code (it is None for a few ms)."""
@@ -244,18 +249,19 @@ class HighwayLayer(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.speed_control = speed_control
         self.lane_control = lane_control
         self.offroad_steps = 0
+        self.diagnostics = DrivingDiagnostics()
 
     def _observation(self, obs: np.ndarray) -> np.ndarray:
         return np.clip(obs.reshape(-1), -OBS_CLIP, OBS_CLIP).astype(np.float32)
 
-    def _info(self, info: dict) -> dict:
+    def _info(self, info: dict, reset: bool = False) -> dict:
         ego = self.env.unwrapped.vehicle
         longitudinal, lateral, _ = ego.lane_offset
         offroad = abs(lateral) > ego.lane.width_at(longitudinal) / 2 or not ego.on_road
-        others = [v.position for v in self.env.unwrapped.road.vehicles if v is not ego]
-        nearest = (
-            float(np.min(np.linalg.norm(np.asarray(others) - ego.position, axis=1))) if others else math.inf
-        )
+        others = [v for v in self.env.unwrapped.road.vehicles if v is not ego]
+        positions = np.array([v.position for v in others]).reshape(-1, 2)
+        nearest = float(np.min(np.linalg.norm(positions - ego.position, axis=1))) if others else math.inf
+        driving = (self.diagnostics.reset if reset else self.diagnostics.step)(ego, others, positions)
         # plain Python types: AsyncVectorEnv stacks each key with the dtype of the first env's value
         return {
             **info,
@@ -266,13 +272,14 @@ class HighwayLayer(gym.Wrapper, gym.utils.RecordConstructorArgs):
             "nearest_distance": nearest,
             "offroad_terminated": False,
             "on_road": bool(ego.on_road),
+            **driving,
             "rewards": {k: float(r) for k, r in info["rewards"].items()},
         }
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)
         self.offroad_steps = 0
-        return self._observation(obs), self._info(info)
+        return self._observation(obs), self._info(info, reset=True)
 
     def step(self, action):
         # a new array: highway-env's info holds the action it was given, and no two steps' infos may share
@@ -379,10 +386,13 @@ def make_env(
     seed: int | None = None,
     render_mode: str | None = None,
     env_index: int = 0,
+    idm_ego_speed: float | None = None,
 ) -> gym.Env:
     """One highway env with the env layer; raises ConfigError for an unknown id or config key.
 
-    With a seed, the env and its action space are seeded (the env is reset once with it).
+    With a seed, the env and its action space are seeded (the env is reset once with it). With
+    `idm_ego_speed`, highway-env's IDM + MOBIL driver with that target speed drives the ego and the
+    actions are ignored (driving.IdmEgo, the textbook baseline).
     """
     config = env_cfg.highway_config()
     _check_keys(config, _env_class(env_cfg.env_id).default_config(), "")
@@ -397,6 +407,8 @@ def make_env(
     except ConfigError:
         env.close()
         raise
+    if idm_ego_speed is not None:
+        env = IdmEgo(env, idm_ego_speed)
     layer = HighwayLayer(
         env,
         env_cfg.max_offroad_steps,
@@ -425,13 +437,13 @@ def check_env(env_cfg: EnvConfig) -> None:
 
 
 def _worker_env(
-    env_cfg: EnvConfig, seed: int | None, env_index: int, render_mode: str | None, wrapper
+    env_cfg: EnvConfig, seed: int | None, env_index: int, render_mode: str | None, wrapper, idm_ego_speed: float | None
 ) -> gym.Env:
     # A terminal's Ctrl-C reaches the whole process group; only the driver handles it (design §8).
     # AsyncVectorEnv also calls the first factory in the driver: keep the driver's handler there.
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    env = make_env(env_cfg, seed=seed, render_mode=render_mode, env_index=env_index)
+    env = make_env(env_cfg, seed=seed, render_mode=render_mode, env_index=env_index, idm_ego_speed=idm_ego_speed)
     return env if wrapper is None else wrapper(env)
 
 
@@ -444,10 +456,12 @@ def make_vector_env(
     context: str = "forkserver",
     render_mode: str | None = None,
     wrapper: Callable[[gym.Env], gym.Env] | None = None,
+    idm_ego_speed: float | None = None,
 ) -> AsyncVectorEnv:
     """N worker processes with shared-memory observations; worker i is seeded `seed + i`.
 
-    `wrapper` (picklable, e.g. a gym.Wrapper class) wraps each worker's env inside the worker.
+    `wrapper` (picklable, e.g. a gym.Wrapper class) wraps each worker's env inside the worker;
+    `idm_ego_speed` makes highway-env's IDM driver the ego (`make_env`).
 
     Use forkserver or spawn: the driver runs JAX, which is multithreaded, so never fork it.
     """
@@ -463,7 +477,8 @@ def make_vector_env(
     # each one with the worker's traceback, and warn when a faulted vector env is closed.
     gym.logger.min_level = gym.logger.ERROR + 1
     env_fns = [
-        functools.partial(_worker_env, env_cfg, seed + i, i, render_mode, wrapper) for i in range(num_envs)
+        functools.partial(_worker_env, env_cfg, seed + i, i, render_mode, wrapper, idm_ego_speed)
+        for i in range(num_envs)
     ]
     return AsyncVectorEnv(env_fns, shared_memory=True, context=context, autoreset_mode=autoreset_mode)
 
