@@ -215,6 +215,24 @@ class AgentConfig:
     limits_weight_decay: float = 1e-3
     cvar_limits: float | None = None
     """CVaR level of the limit's loss; None: follow cvar_risk."""
+    speed_floor: float | None = None
+    """Practice: the lowest target speed (m/s) the policy may choose while it trains, a floor inside its
+    squash (design §4.1); it holds until --agent.speed-floor-hold and falls linearly to the low end of
+    --env.target-speed-range at --agent.speed-floor-end. Evaluation has none. Needs
+    --env.target-speed-action; None: no floor."""
+    speed_floor_hold: int = 0
+    """The transition (counted like --max-steps) up to which the speed floor holds at --agent.speed-floor."""
+    speed_floor_end: int = 0
+    """The transition from which the speed floor is at the range's low end (none left)."""
+    cap_ramp_init: float | None = None
+    """RACER's ramp on a learned speed cap (design §4.1): the cap the policy acts and learns with is
+    min(h, ramp); the ramp is this fraction of the target-speed range (like --agent.init-limit) until
+    --agent.cap-ramp-start, then rises linearly to 1 at --agent.cap-ramp-end. Evaluation uses it too.
+    Needs --agent.limited-action speed; None: no ramp."""
+    cap_ramp_start: int = 0
+    """The transition (counted like --max-steps) from which the cap's ramp rises."""
+    cap_ramp_end: int = 0
+    """The transition at which the cap's ramp reaches 1, the whole target-speed range."""
     q_entropy_target_diff: float = -0.01
     q_entropy_lagrange_init: float = 1e-3
     q_entropy_lagrange_lr: float = 1e-3
@@ -360,6 +378,7 @@ _NON_NEGATIVE = (
     # a zero learning rate or weight decay is a valid ablation (that part stays frozen)
     "agent.actor_lr", "agent.critic_lr", "agent.temp_lr", "agent.limits_lr", "agent.q_entropy_lagrange_lr",
     "agent.critic_weight_decay", "agent.limits_weight_decay",
+    "agent.speed_floor_hold", "agent.speed_floor_end", "agent.cap_ramp_start", "agent.cap_ramp_end",
 )  # fmt: skip
 
 
@@ -439,6 +458,42 @@ def _validate_reward(env: EnvConfig, reward: RewardConfig) -> None:
         raise ConfigError(f"--reward.cone-half-angle must be at most pi, got {reward.cone_half_angle}")
 
 
+def _check_schedule(name: str, switch, start_field: str, end_field: str, start: int, end: int) -> None:
+    """One schedule of the policy's speed box (design §4.1): `start` <= `end`, `end` > 0, neither without `switch`."""
+    if switch is None:
+        if start or end:
+            raise ConfigError(f"{flag_name(start_field)} and {flag_name(end_field)} need {flag_name(name)}")
+        return
+    if start > end:
+        raise ConfigError(f"{flag_name(start_field)} ({start}) must not exceed {flag_name(end_field)} ({end})")
+    if end <= 0:
+        raise ConfigError(f"{flag_name(end_field)} must be positive with {flag_name(name)} (the transition it ends at)")
+
+
+def _validate_schedules(cfg: TrainConfig) -> None:
+    """The speed floor needs a target speed inside its range and no learned cap; the ramp needs a learned cap."""
+    agent, (low, high) = cfg.agent, cfg.env.target_speed_range
+    speed_cap = agent.learned_limit and agent.limited_action == "speed"
+    if agent.speed_floor is not None:
+        if not cfg.env.target_speed_action:
+            raise ConfigError("--agent.speed-floor bounds a target speed: it needs --env.target-speed-action")
+        if speed_cap:
+            raise ConfigError("--agent.speed-floor cannot join a learned speed cap (--agent.limited-action speed): "
+                              "the cap can fall below it")  # fmt: skip
+        if not low <= agent.speed_floor < high:
+            raise ConfigError(f"--agent.speed-floor must be in --env.target-speed-range's [{low:g}, {high:g}) m/s, "
+                              f"got {agent.speed_floor:g}")  # fmt: skip
+    if agent.cap_ramp_init is not None:
+        if not speed_cap:
+            raise ConfigError("--agent.cap-ramp-init ramps a learned speed cap: it needs --agent.limited-action speed")
+        if not 0.0 < agent.cap_ramp_init <= 1.0:
+            raise ConfigError(f"--agent.cap-ramp-init must be in (0, 1], got {agent.cap_ramp_init}")
+    _check_schedule("agent.speed_floor", agent.speed_floor, "agent.speed_floor_hold", "agent.speed_floor_end",
+                    agent.speed_floor_hold, agent.speed_floor_end)  # fmt: skip
+    _check_schedule("agent.cap_ramp_init", agent.cap_ramp_init, "agent.cap_ramp_start", "agent.cap_ramp_end",
+                    agent.cap_ramp_start, agent.cap_ramp_end)  # fmt: skip
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raises ConfigError naming the flag of the first failing check, in this order."""
     check_finite(cfg)
@@ -448,3 +503,4 @@ def validate(cfg: TrainConfig) -> None:
     _validate_env(cfg.env)
     _validate_across_sections(cfg)
     _validate_reward(cfg.env, cfg.reward)
+    _validate_schedules(cfg)

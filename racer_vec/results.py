@@ -94,6 +94,7 @@ CURVE_KEYS = (
     "env_steps", "updates", "sps", "episode_return_mean", "episode_training_return_mean", "episode_length_mean",
     "speed_ema", "collision_ema", "train_collisions_total", "offroad_terminations_total", "episodes_total",
     "episode_lane_changes_mean", "episode_overtakes_mean", "episode_distance_mean",
+    "speed_floor", "cap_ramp", "effective_limit",
 )  # fmt: skip
 """Per log interval, what a learning curve needs (plus every `eval/...` key)."""
 
@@ -162,6 +163,7 @@ def collect(run_dir: Path | None, evaluation_file: Path, notes: str | None = Non
         "seed": config["seed"],
         "cvar_risk": config["agent"]["cvar_risk"],
         "env_steps": step,
+        "schedules": schedules(config),
         "evaluation": evaluation["summary"],
         "evaluation_settings": evaluation["config"]["evaluation"],
         "evaluation_provenance": evaluation["config"].get("provenance"),
@@ -191,6 +193,36 @@ def kilo(env_steps: int) -> str:
 
 def cvar_text(cvar_risk: float | None) -> str:
     return "—" if cvar_risk is None else f"{cvar_risk:g}"  # None: a baseline policy
+
+
+SCHEDULES = {"speed_floor": ("speed_floor_hold", "speed_floor_end"),
+             "cap_ramp_init": ("cap_ramp_start", "cap_ramp_end")}
+"""The schedules of the policy's speed box (design §4.1): the field that turns each on, and its two transitions."""
+
+
+def schedules(config: dict) -> dict:
+    """The schedule settings that trained a run, from its config ({} for none, a baseline's config, or a
+    config older than them)."""
+    agent = config.get("agent", {})
+    return {k: agent[k] for on, ends in SCHEDULES.items() if agent.get(on) is not None for k in (on, *ends)}
+
+
+def schedule_text(result: dict) -> str:
+    """A run's schedules as a table cell, e.g. `floor 30 m/s to 200k, none by 400k`; "—" for none."""
+    s, parts = schedules(result["config"]), []
+    if "speed_floor" in s:
+        hold, end = kilo(s["speed_floor_hold"]), kilo(s["speed_floor_end"])
+        parts.append(f"floor {s['speed_floor']:g} m/s to {hold}, none by {end}")
+    if "cap_ramp_init" in s:
+        parts.append(f"cap ramp {s['cap_ramp_init']:g} to {kilo(s['cap_ramp_start'])}, 1 by {kilo(s['cap_ramp_end'])}")
+    return "; ".join(parts) or "—"
+
+
+def with_schedules(labels: list[str], rows: list[tuple[list[str], list[dict]]]):
+    """The label columns and rows with a `schedules` column, where any row was trained with one."""
+    if all(schedule_text(group[0]) == "—" for _, group in rows):
+        return labels, rows
+    return [*labels, "schedules"], [([*text, schedule_text(group[0])], group) for text, group in rows]
 
 
 def evaluation_label(result: dict) -> str:
@@ -331,7 +363,7 @@ def table(results: list[dict], release: bool = False) -> str:
     labels = ["run", "CVaR", "seed", "transitions", "evaluation"]
     rows = [([r["run"], cvar_text(r["cvar_risk"]), str(r["seed"]), kilo(r["env_steps"]), evaluation_label(r)], [r])
             for r in results]  # fmt: skip
-    return results_table(labels, rows, per_run=True, release=release)
+    return results_table(*with_schedules(labels, rows), per_run=True, release=release)
 
 
 BOOKKEEPING = {
@@ -365,7 +397,7 @@ def mean_table(results: list[dict], release: bool = False) -> str:
     labels = ["preset", "CVaR", "transitions", "seeds", "runs", "evaluation"]
     rows = [([g[0]["preset"], cvar_text(g[0]["cvar_risk"]), steps_text(g), seeds_text(g),
               ", ".join(r["run"] for r in g), evaluation_label(g[0])], g) for g in seed_groups(results)]  # fmt: skip
-    return results_table(labels, rows, release=release)
+    return results_table(*with_schedules(labels, rows), release=release)
 
 
 def main(argv: list[str] | None = None) -> int:

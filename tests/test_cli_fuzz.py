@@ -54,6 +54,8 @@ ACCEPTED = {
     **{(f"--agent.{name}", "0"): "frozen: a valid ablation" for name in (
         "actor-lr", "critic-lr", "temp-lr", "limits-lr", "q-entropy-lagrange-lr", "critic-weight-decay",
         "limits-weight-decay")},
+    **{(f"--agent.{name}", "0"): "a schedule's transition, its default: none without its schedule" for name in (
+        "speed-floor-hold", "speed-floor-end", "cap-ramp-start", "cap-ramp-end")},
 }  # fmt: skip
 EVAL_ACCEPTED = {
     ("--seed", "0"): "a seed",

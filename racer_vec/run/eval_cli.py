@@ -258,18 +258,22 @@ def build_policy(args: EvalArgs, target: Target) -> Policy:
         )
         return lambda obs, ids, steps: np.asarray(uniform(ids, steps))
 
+    from racer_vec.learner.schedules import speed_bounds
+
     agent, learner = _restore_agent(target)
+    # the ramp on a learned cap at the checkpoint's step, as RACER's evaluation acts; no floor (design §4.1)
+    bounds = speed_bounds(target.cfg, target.step, floor=False)
     if args.protocol == "release":
-        return lambda obs, ids, steps: np.asarray(learner.release_actions(agent, obs))
+        return lambda obs, ids, steps: np.asarray(learner.release_actions(agent, obs, bounds))
     if args.deterministic:
-        return lambda obs, ids, steps: np.asarray(learner.deterministic_actions(agent, obs))
+        return lambda obs, ids, steps: np.asarray(learner.deterministic_actions(agent, obs, bounds))
 
     @jax.jit
-    def sample(agent, obs, ids, steps):
-        one = lambda o, key: learner.sample_actions(agent, o[None], key)[0]  # noqa: E731
+    def sample(agent, obs, ids, steps, bounds):
+        one = lambda o, key: learner.sample_actions(agent, o[None], key, bounds)[0]  # noqa: E731
         return jax.vmap(one)(obs, row_keys(ids, steps))
 
-    return lambda obs, ids, steps: np.asarray(sample(agent, obs, ids, steps))
+    return lambda obs, ids, steps: np.asarray(sample(agent, obs, ids, steps, bounds))
 
 
 def _restore_agent(target: Target):

@@ -22,6 +22,7 @@ from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig,
 from racer_vec.learner.agent import init_agent, make_learner, reset_agent
 from racer_vec.learner.devices import replicated_sharding
 from racer_vec.learner.replay import init_buffer, insert
+from racer_vec.learner.schedules import schedule_metrics, speed_bounds, warmup_box
 from racer_vec.run.checkpoint_files import damage_warning
 from racer_vec.run.checkpoints import Checkpointer
 from racer_vec.run.evaluation import EvaluationInterrupted, Evaluator
@@ -181,9 +182,9 @@ class Trainer:
         if cfg.eval_interval > 0:
             self.evaluator = self._make_evaluator()
 
-    def _sample_actions(self, agent, obs, key):
+    def _sample_actions(self, agent, obs, key, bounds):
         key, sub = jax.random.split(key)
-        return self.learner.sample_actions(agent, obs, sub), key
+        return self.learner.sample_actions(agent, obs, sub, bounds), key
 
     def _restore(self) -> None:
         if self.checkpointer.latest_step() is None:
@@ -290,16 +291,18 @@ class Trainer:
         A worker fault raises highway.WorkerFault before anything of the step is stored.
         """
         cfg, c = self.cfg, self.counters
+        bounds = speed_bounds(cfg, c.env_steps)  # the speed box's schedules now (design §4.1), traced
         if c.env_steps >= cfg.start_training:
-            actions, self.action_key = self._sample(self.agent, obs, self.action_key)
+            actions, self.action_key = self._sample(self.agent, obs, self.action_key, bounds)
             actions = np.asarray(actions)
         else:
-            actions = self.random_actions.uniform(-1.0, 1.0, (cfg.num_envs, ACTION_DIM)).astype(np.float32)
+            low, high = warmup_box(bounds)
+            actions = self.random_actions.uniform(low, high, (cfg.num_envs, ACTION_DIM)).astype(np.float32)
 
         highway.vector_call(self.envs, self.envs.step_async, actions)
         if c.env_steps >= c.learning_starts:
             # Dispatched asynchronously: XLA learns while the workers simulate.
-            self.agent, self.last_metrics = self.learner.iteration(self.agent, self.buffer)
+            self.agent, self.last_metrics = self.learner.iteration(self.agent, self.buffer, bounds)
             c.updates += cfg.updates_per_iteration
             c.critic_updates += cfg.updates_per_iteration * cfg.utd_ratio
         next_obs, env_reward, terminated, truncated, infos = highway.vector_call(self.envs, self.envs.step_wait)
@@ -373,6 +376,7 @@ class Trainer:
 
     def _log(self) -> None:
         c, cfg = self.counters, self.cfg
+        learner = self._learner_metrics()
         record = {
             "env_steps": c.env_steps,
             "updates": c.updates,
@@ -390,7 +394,8 @@ class Trainer:
             "worker_restarts_total": c.worker_restarts_total,
             "eval_worker_restarts_total": c.eval_worker_restarts_total,
             "wall_time": c.wall_time,
-            **self._learner_metrics(),
+            **learner,
+            **schedule_metrics(cfg, c.env_steps, learner.get("limit")),
             **self.tracker.pop_means(),
             **self.pending_eval,
         }
@@ -407,8 +412,9 @@ class Trainer:
         if dead:
             self._rebuild_evaluator(f"evaluation worker {dead[0]} had died", skipped=False)
         try:
+            bounds = speed_bounds(self.cfg, self.counters.env_steps, floor=False)  # evaluation has no floor
             summary = self.evaluator.evaluate(
-                lambda agent_obs: self.learner.deterministic_actions(self.agent, agent_obs),
+                lambda agent_obs: self.learner.deterministic_actions(self.agent, agent_obs, bounds),
                 self.cfg.eval_episodes,
                 self.cfg.eval_seed,
                 should_stop=lambda: self.interrupted,
