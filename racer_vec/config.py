@@ -23,6 +23,9 @@ SPEED = 0
 """Action index 0: the acceleration, or with --env.target-speed-action the target speed (design §3)."""
 STEERING = 1
 """Action index 1: the steering, or with --env.lane-target-action the target lateral position (design §3)."""
+WORKER_TIMEOUT_S = 30.0
+"""The default --worker-timeout of train.py and evaluate.py: far above the slowest healthy step or
+reset measured (design §10), far below what a run can lose waiting for a hung worker."""
 
 
 KINEMATICS_FEATURES = ("presence", "x", "y", "vx", "vy", "heading")
@@ -262,6 +265,9 @@ class TrainConfig:
     """Agent updates per vector step; None: num_envs (one update per collected transition)."""
     max_worker_restarts: int = 3
     """Env worker faults a run survives by replacing its workers (design §10); one more stops it."""
+    worker_timeout: float = WORKER_TIMEOUT_S
+    """Seconds an env worker may take to answer a step or reset before it counts as hung, a fault like
+    a death (design §10)."""
     reset_interval: int = 0
     """Every this many vector steps, while below 80% of max_steps, re-initialize every agent train
     state but the temperature, keeping the buffer, as the public release does (design §11); 0: never."""
@@ -362,7 +368,7 @@ def _check_bounds(bounds: dict[str, tuple[object, str]]) -> None:
 # first failing field is the one reported.
 _POSITIVE = (
     "num_envs", "max_steps", "batch_size", "utd_ratio", "buffer_size", "updates_per_iteration", "log_interval",
-    "checkpoint_interval", "keep_checkpoints", "eval_episodes",
+    "checkpoint_interval", "keep_checkpoints", "eval_episodes", "worker_timeout",
     "agent.num_qs", "agent.num_atoms", "agent.pointnet_dim",
     # log 0: the run would stop as non-finite after its warm-up
     "agent.init_temperature", "agent.q_entropy_lagrange_init",

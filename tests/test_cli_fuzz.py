@@ -60,6 +60,7 @@ ACCEPTED = {
 EVAL_ACCEPTED = {
     ("--seed", "0"): "a seed",
     ("--max-videos", "0"): "no videos",
+    ("--max-worker-restarts", "0"): "the first worker fault ends the evaluation",
     ("--constant-action", "0"): "coasting straight",
     ("--constant-action", "-1"): "full brake, full left",
 }
@@ -94,7 +95,8 @@ def test_the_fields_are_found():
     assert {"num_envs", "agent.cvar_risk", "env.vehicles_density", "reward.speed_range", "agent.hidden_dims",
             "agent.target_entropy", "eval_seed", "max_worker_restarts"} <= paths  # fmt: skip
     assert {path for path, _ in EVAL_FIELDS} == {"num_episodes", "num_workers", "seed", "max_videos", "duration",
-                                                 "constant_action", "hold_speed", "idm_target_speed"}  # fmt: skip
+                                                 "constant_action", "hold_speed", "idm_target_speed",
+                                                 "worker_timeout", "max_worker_restarts"}  # fmt: skip
     assert all(flag in {flag_name(p) for p in paths} for flag, _ in ACCEPTED)
 
 

@@ -20,7 +20,6 @@ from racer_vec.config import STEERING, ConfigError, EnvConfig
 from racer_vec.sim.highway import (
     STEP_KEYS,
     EnvWorkerError,
-    close_vector_env,
     final_observations,
     find_failed_worker,
     make_env,
@@ -261,7 +260,7 @@ def test_vector_env_same_step_autoreset_keeps_final_obs_and_info():
         np.testing.assert_array_equal(final_observations(obs, infos), obs)
         assert step_values(infos, 2)["speed"].shape == (2,)
     finally:
-        close_vector_env(envs, faulted=False)
+        envs.close()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gymnasium logs the worker's traceback
@@ -276,7 +275,7 @@ def test_worker_exception_is_reported_with_its_index():
         assert find_failed_worker(envs, caught.value) == 1
         assert "ZeroDivisionError" in str(caught.value)
     finally:
-        close_vector_env(envs, faulted=True)
+        envs.close()
     assert all(p.exitcode is not None for p in envs.processes)
 
 
@@ -300,7 +299,7 @@ def test_dead_worker_is_found_by_its_exit_code(mid_step):
                 envs.step(actions)
         assert find_failed_worker(envs, caught.value) == 1
     finally:
-        close_vector_env(envs, faulted=True)
+        envs.close()
     assert all(p.exitcode is not None for p in envs.processes)
 
 
@@ -309,7 +308,7 @@ SIGINT_DRIVER = textwrap.dedent(
     import signal, time
     import numpy as np
     import configs
-    from racer_vec.sim.highway import close_vector_env, make_vector_env
+    from racer_vec.sim.highway import make_vector_env
 
     def main():
         interrupted = []
@@ -324,7 +323,7 @@ SIGINT_DRIVER = textwrap.dedent(
         alive = all(p.is_alive() for p in envs.processes)
         envs.step(np.zeros((2, 2), dtype=np.float32))
         print("result", bool(interrupted), alive, flush=True)
-        close_vector_env(envs, faulted=False)
+        envs.close()
 
     if __name__ == "__main__":
         main()

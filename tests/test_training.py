@@ -397,7 +397,7 @@ class FakeEvaluator:
     def __init__(self, seconds=0.0, faults=0):
         self.seconds, self.faults, self.calls, self.closed = seconds, faults, 0, False
 
-    def evaluate(self, policy, num_episodes, seed, should_stop=None):
+    def evaluate(self, policy, num_episodes, seed):
         from racer_vec.sim.highway import WorkerFault
 
         self.calls += 1
@@ -454,9 +454,9 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
     from racer_vec.sim.highway import WorkerFault
 
     trainer = _trainer(tmp_path, "--eval-interval", "0")
-    envs = trainer.envs
     try:
-        obs = envs.reset(seed=0)[0]
+        obs = trainer._reset_envs(seed=0)  # starts the workers
+        envs = trainer.envs
 
         def driver_bug(*args, **kwargs):
             raise RuntimeError("a bug in the driver")
@@ -466,8 +466,7 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
             trainer.vector_step(obs)
         assert not isinstance(raised.value, WorkerFault) and trainer.counters.worker_restarts_total == 0
     finally:
-        del envs.step_wait  # the pending step completes on close
-        trainer.close()
+        trainer.close()  # kills the workers of the pending step
 
 
 @pytest.mark.slow  # a real run

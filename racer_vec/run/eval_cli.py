@@ -16,7 +16,7 @@ import numpy as np
 
 import configs
 from racer_vec.config import (
-    ACTION_DIM, ConfigError, EnvConfig, RewardParams, TrainConfig, check_finite, resolve, to_dict,
+    ACTION_DIM, WORKER_TIMEOUT_S, ConfigError, EnvConfig, RewardParams, TrainConfig, check_finite, resolve, to_dict,
 )  # fmt: skip
 from racer_vec.run.checkpoint_files import (
     EVALUATION_ITEMS, DamagedCheckpoint, damage_warning, locate, newest_intact, saved_config, verify,
@@ -83,6 +83,13 @@ class EvalArgs:
     """Where evaluation_metrics.json and the videos go; default: <run>/eval/<step>, or eval/<policy>_<preset>."""
     duration: int | None = None
     """Override the env's episode duration (s), e.g. for a quick look; default: the config's."""
+    worker_timeout: float = WORKER_TIMEOUT_S
+    """Seconds an env worker may take to answer a step or reset before it counts as hung, a fault like
+    a death (design §10); train.py's default too."""
+    max_worker_restarts: int = 3
+    """Env worker faults (a raise, a death, a hang) the evaluation survives: each starts new workers and
+    runs the lost episodes again from their own seeds, with the same results (design §10). One more
+    ends it, exit 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +134,13 @@ def action_rule(args: EvalArgs) -> str:
 
 
 def validate_args(args: EvalArgs) -> None:
-    for flag, value in (("--num-episodes", episodes_of(args)), ("--num-workers", args.num_workers)):
+    for flag, value in (("--num-episodes", episodes_of(args)), ("--num-workers", args.num_workers),
+                        ("--worker-timeout", args.worker_timeout)):  # fmt: skip
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
     check_finite(args)
-    for flag, value in (("--max-videos", args.max_videos), ("--seed", args.seed)):
+    for flag, value in (("--max-videos", args.max_videos), ("--seed", args.seed),
+                        ("--max-worker-restarts", args.max_worker_restarts)):  # fmt: skip
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
     if args.duration is not None and args.duration <= 0:
@@ -334,13 +343,19 @@ def run_evaluation(args: EvalArgs) -> int:
     num_filmed = min(args.max_videos, num_episodes) if args.render else 0
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
     num_workers = min(args.num_workers, num_episodes)
+    interrupted = []
     evaluator = Evaluator(
         env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0,
-        idm_ego_speed=idm_speed(args),
+        idm_ego_speed=idm_speed(args), worker_timeout=args.worker_timeout, should_stop=lambda: bool(interrupted),
     )  # fmt: skip
-    interrupted = []
+
+    def restarted(fault: highway.WorkerFault, lost: list[int], restart: int) -> None:
+        print(f"{fault.describe()}; new env workers run episode(s) {', '.join(map(str, lost))} again "
+              f"(restart {restart} of at most {args.max_worker_restarts})", file=sys.stderr, flush=True)  # fmt: skip
+
     try:
-        # Ctrl-C (and SIGTERM, design §10) stops between vector steps (the workers ignore SIGINT, design §8)
+        # Ctrl-C (and SIGTERM, design §10) stops between vector steps or while the driver waits for its
+        # workers (the workers ignore SIGINT, design §8)
         with stop_signals(lambda signum, frame: interrupted.append(signum)), _progress() as progress:
             task = progress.add_task("evaluate", total=num_episodes)
             episodes = evaluator.run(
@@ -349,11 +364,14 @@ def run_evaluation(args: EvalArgs) -> int:
                 args.seed,
                 filming=None if recorder is None else Filming(recorder, num_filmed),
                 on_episode=lambda record: progress.advance(task),
-                should_stop=lambda: bool(interrupted),
+                max_restarts=args.max_worker_restarts,
+                on_restart=restarted,
             )
     except highway.WorkerFault as fault:
         if not interrupted:  # else a SIGTERM to the process group stopped the workers too
-            print(f"error: {fault.describe()}; evaluation_metrics.json not written", file=sys.stderr)
+            restarts = args.max_worker_restarts
+            print(f"error: {fault.describe()} after {restarts} worker restarts (--max-worker-restarts {restarts}); "
+                  "evaluation_metrics.json not written", file=sys.stderr)  # fmt: skip
             return 1
         print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
         return 130

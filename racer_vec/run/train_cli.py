@@ -28,6 +28,7 @@ RESUME_MUTABLE = frozenset(
         "eval_episodes",
         "save_buffer",
         "max_worker_restarts",
+        "worker_timeout",
     }
 )
 

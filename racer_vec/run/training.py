@@ -10,6 +10,7 @@ One iteration:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -178,7 +179,7 @@ class Trainer:
         self.directory.open(self.counters.env_steps)
 
         self._sample = jax.jit(self._sample_actions)
-        self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=cfg.seed)
+        # the env workers start in the loop's first reset, where a worker fault is handled (design §10)
         if cfg.eval_interval > 0:
             self.evaluator = self._make_evaluator()
 
@@ -218,7 +219,8 @@ class Trainer:
         self.display = ProgressDisplay(total=self.cfg.max_steps, start=c.env_steps)
         try:
             with stop_signals(self._on_signal):
-                self._train_loop()
+                with contextlib.suppress(highway.WaitStopped):  # stopped mid-wait: that step is not stored (design §8)
+                    self._train_loop()
                 if self.last_logged_step != c.env_steps:
                     self._log()
                 self._checkpoint()
@@ -288,7 +290,8 @@ class Trainer:
     def vector_step(self, obs: np.ndarray) -> np.ndarray:
         """One vector step: act, learn while the workers simulate, store N transitions.
 
-        A worker fault raises highway.WorkerFault before anything of the step is stored.
+        A worker fault (a hang too) raises highway.WorkerFault, and a stop signal while the workers
+        have not answered highway.WaitStopped, before anything of the step is stored.
         """
         cfg, c = self.cfg, self.counters
         bounds = speed_bounds(cfg, c.env_steps)  # the speed box's schedules now (design §4.1), traced
@@ -328,18 +331,24 @@ class Trainer:
         return next_obs
 
     # ---------------------------------------------------------------------------- worker faults
-    def _reset_envs(self, seed: int) -> np.ndarray:
+    def _reset_envs(self, seed: int) -> np.ndarray | None:
+        """Start the workers where none run, and reset every env; a worker fault replaces them."""
+        cfg = self.cfg
         try:
+            if self.envs is None:
+                self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=seed, worker_timeout=cfg.worker_timeout,
+                                                    should_stop=lambda: self.interrupted)  # fmt: skip
             return highway.vector_call(self.envs, self.envs.reset, seed=seed)[0]
         except highway.WorkerFault as fault:
             return self._replace_workers(fault)
 
-    def _replace_workers(self, fault: highway.WorkerFault) -> np.ndarray:
-        """design §10: close the faulted vector env and start a new one; the running episodes end
-        there (nothing of the faulted step was stored), learner, buffer and counters carry on."""
+    def _replace_workers(self, fault: highway.WorkerFault) -> np.ndarray | None:
+        """design §10: close the faulted vector env (killing a hung worker) and start a new one; the running
+        episodes end there (nothing of the faulted step was stored), learner, buffer and counters carry on."""
         cfg, c = self.cfg, self.counters
-        highway.close_vector_env(self.envs, faulted=True)
-        self.envs = None
+        if self.envs is not None:  # else it faulted while it started
+            self.envs.close()
+            self.envs = None
         if self.interrupted or fault.exitcode == -signal.SIGTERM:
             # a SIGTERM to the whole process group reached the workers too: stop, do not replace
             self.interrupted = True
@@ -358,9 +367,7 @@ class Trainer:
         )  # fmt: skip
         self.tracker.abandon()
         # new seeds, still determined by the run: seed + 1000 * restarts + env index
-        seed = cfg.seed + 1000 * c.worker_restarts_total
-        self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=seed)
-        return self._reset_envs(seed=seed)
+        return self._reset_envs(seed=cfg.seed + 1000 * c.worker_restarts_total)
 
     # ------------------------------------------------------------------------ logging and eval
     def _learner_metrics(self) -> dict:
@@ -417,7 +424,6 @@ class Trainer:
                 lambda agent_obs: self.learner.deterministic_actions(self.agent, agent_obs, bounds),
                 self.cfg.eval_episodes,
                 self.cfg.eval_seed,
-                should_stop=lambda: self.interrupted,
             )
         except EvaluationInterrupted:
             return  # the run stops at this step: nothing to report
@@ -429,7 +435,7 @@ class Trainer:
 
     def _rebuild_evaluator(self, reason: str, *, skipped: bool) -> None:
         c = self.counters
-        self.evaluator.close()  # kills what is left of the faulted workers
+        self.evaluator.close()  # kills what is left of the faulted workers, a hung one too
         c.eval_worker_restarts_total += 1
         outcome = "evaluation skipped" if skipped else "evaluating with a new evaluator"
         print(f"{reason} at {c.env_steps} env steps; {outcome}", file=sys.stderr, flush=True)
@@ -439,7 +445,8 @@ class Trainer:
 
     def _make_evaluator(self) -> Evaluator:
         cfg = self.cfg
-        return Evaluator(cfg.env, self.reward_params, num_workers=min(cfg.num_envs, cfg.eval_episodes))
+        return Evaluator(cfg.env, self.reward_params, num_workers=min(cfg.num_envs, cfg.eval_episodes),
+                         worker_timeout=cfg.worker_timeout, should_stop=lambda: self.interrupted)  # fmt: skip
 
     def _checkpoint(self) -> int:
         c = self.counters
@@ -454,8 +461,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- teardown
     def close(self) -> None:
-        if self.envs is not None:
-            highway.close_vector_env(self.envs, faulted=False)
+        if self.envs is not None:  # never blocks on a worker, a hung one included (design §8)
+            self.envs.close()
             self.envs = None
         if self.evaluator is not None:
             self.evaluator.close()

@@ -23,12 +23,15 @@ Info keys of every step and reset (`STEP_KEYS` plus `rewards`), per worker:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import math
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import time
 from collections.abc import Callable, Container
@@ -40,7 +43,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 from gymnasium.vector.async_vector_env import AsyncState
 from highway_env import utils
 
-from racer_vec.config import ConfigError, EnvConfig
+from racer_vec.config import WORKER_TIMEOUT_S, ConfigError, EnvConfig
 from racer_vec.sim.driving import DIAGNOSTIC_KEYS, DrivingDiagnostics, IdmEgo
 from racer_vec.sim.video import configure_headless
 
@@ -50,6 +53,10 @@ STEP_KEYS = ("offroad", "crashed", "speed", "forward_speed", "nearest_distance",
 """Scalar per-step info values; `step_values` also returns the `rewards` dict."""
 DEAD_WORKER_POLL_S = 2.0
 """How long find_failed_worker waits for a dead worker's exit code (it is None for a few ms)."""
+WAIT_SLICE_S = 0.2
+"""A wait for the workers looks at the stop flag, the dead workers and the clock this often (design §8)."""
+CLOSE_TIMEOUT_S = 2.0
+"""How long a close lets healthy workers close their envs (milliseconds, normally) before it kills them."""
 
 
 class EnvWorkerError(RuntimeError):
@@ -457,11 +464,14 @@ def make_vector_env(
     render_mode: str | None = None,
     wrapper: Callable[[gym.Env], gym.Env] | None = None,
     idm_ego_speed: float | None = None,
-) -> AsyncVectorEnv:
+    worker_timeout: float = WORKER_TIMEOUT_S,
+    should_stop: Callable[[], bool] | None = None,
+) -> WatchedVectorEnv:
     """N worker processes with shared-memory observations; worker i is seeded `seed + i`.
 
     `wrapper` (picklable, e.g. a gym.Wrapper class) wraps each worker's env inside the worker;
-    `idm_ego_speed` makes highway-env's IDM driver the ego (`make_env`).
+    `idm_ego_speed` makes highway-env's IDM driver the ego (`make_env`). `worker_timeout` and
+    `should_stop` bound every wait for the workers (WatchedVectorEnv).
 
     Use forkserver or spawn: the driver runs JAX, which is multithreaded, so never fork it.
     """
@@ -480,7 +490,10 @@ def make_vector_env(
         functools.partial(_worker_env, env_cfg, seed + i, i, render_mode, wrapper, idm_ego_speed)
         for i in range(num_envs)
     ]
-    return AsyncVectorEnv(env_fns, shared_memory=True, context=context, autoreset_mode=autoreset_mode)
+    return WatchedVectorEnv(
+        env_fns, worker_timeout=worker_timeout, should_stop=should_stop, shared_memory=True, context=context,
+        autoreset_mode=autoreset_mode,
+    )  # fmt: skip
 
 
 def step_values(infos: dict, num_envs: int) -> dict:
@@ -530,21 +543,43 @@ class WorkerFault(Exception):
         self.episode: int | None = None
         """The evaluation episode the worker was running, where one was (set by the evaluator)."""
 
-    def describe(self, role: str = "env worker") -> str:
+    def where(self, role: str = "env worker") -> str:
         where = f"{role} {self.env_index}" if self.env_index is not None else f"an {role}"
-        if self.episode is not None:
-            where += f" (episode {self.episode})"
+        return where if self.episode is None else f"{where} (episode {self.episode})"
+
+    def describe(self, role: str = "env worker") -> str:
         lines = str(self.cause).strip().splitlines()
         detail = lines[-1][:300] if lines else ""
         if self.exitcode is not None and self.exitcode < 0:
             detail = f"killed by signal {-self.exitcode}" + (f"; {detail}" if detail else "")
-        return f"{where} failed ({type(self.cause).__name__}{': ' + detail if detail else ''})"
+        return f"{self.where(role)} failed ({type(self.cause).__name__}{': ' + detail if detail else ''})"
+
+
+class WorkerHung(WorkerFault):
+    """A worker that did not answer within the worker timeout: stuck in a system call, deadlocked, in an
+    endless loop or stopped by the machine. A fault like a death (design §10). `doing`: the call it did
+    not answer (step, reset, set_attr, or start: building its env); `waited`: seconds."""
+
+    def __init__(self, env_index: int, doing: str, waited: float):
+        super().__init__(env_index, TimeoutError(f"no answer to its {doing} in {waited:.1f} s"))
+        self.doing, self.waited = doing, waited
+
+    def describe(self, role: str = "env worker") -> str:
+        return f"{self.where(role)} hung ({self.cause})"
+
+
+class WaitStopped(Exception):
+    """A stop signal came while the driver waited for its workers (design §8): the call is abandoned,
+    and its vector env can only be closed."""
 
 
 def vector_call(envs: AsyncVectorEnv, call: Callable, *args, **kwargs):
-    """`call(*args, **kwargs)` on a vector env; a worker's raise or death becomes WorkerFault."""
+    """`call(*args, **kwargs)` on a vector env; a worker's raise or death becomes WorkerFault (a hang
+    is one already, WorkerHung), and a stop while waiting stays WaitStopped."""
     try:
         return call(*args, **kwargs)
+    except (WorkerFault, WaitStopped):
+        raise
     except Exception as exc:
         # gymnasium drops the pipe of a worker whose raise it rewraps, whatever the error's type
         if not isinstance(exc, WORKER_ERRORS) and all(pipe is not None for pipe in envs.parent_pipes):
@@ -577,20 +612,111 @@ def find_failed_worker(envs: AsyncVectorEnv, exc: BaseException) -> int | None:
 
 
 def dead_workers(envs: AsyncVectorEnv) -> list[int]:
+    """Workers that ended (a stopped one has not: only a wait's timeout finds it)."""
     return [i for i, p in enumerate(envs.processes) if p.exitcode is not None]
 
 
-def close_vector_env(envs: AsyncVectorEnv, *, faulted: bool) -> None:
-    """Close the workers; after a worker fault or an abandoned step a plain close() hangs or raises.
+class WatchedVectorEnv(AsyncVectorEnv):
+    """gymnasium's AsyncVectorEnv, whose every wait for its workers is bounded and gives way to a stop
+    signal, and whose close never blocks on a worker (design §8). gymnasium's step_wait and reset_wait
+    wait forever unless given a timeout, and its set_attr, its constructor's space check and its close
+    wait forever in any case.
 
-    Faulted, the live workers are killed first: `close(terminate=True)` sends SIGTERM and then
-    joins, which waits forever for a worker stuck in a step.
+    A wait runs in slices of WAIT_SLICE_S on the workers' pipes (a signal handler only sets a flag, and
+    Python retries the wait after it). After a slice in which no worker answered, a stop
+    (`should_stop()`) raises WaitStopped, a dead worker WorkerFault, and a worker silent for
+    `worker_timeout` seconds WorkerHung. Each leaves the call pending with answers unread, so the vector
+    env can only be closed (a timed-out gymnasium step_wait cannot be reused either: it resets its state
+    and leaves the healthy workers' answers in their pipes, where the next step would read them).
     """
-    faulted = faulted or bool(dead_workers(envs))  # a worker may have died since the last call
-    if faulted:
-        for process in envs.processes:
-            if process.is_alive():
-                process.kill()
-        # close() would first wait for the pending call on the dead workers' pipes, and raise
-        envs._state = AsyncState.DEFAULT
-    envs.close(terminate=faulted)
+
+    def __init__(self, env_fns, *, worker_timeout: float, should_stop: Callable[[], bool] | None = None, **kwargs):
+        self.worker_timeout = worker_timeout
+        self.should_stop = should_stop or (lambda: False)
+        try:
+            super().__init__(env_fns, **kwargs)
+        except BaseException:
+            if hasattr(self, "processes"):  # the caller never gets this object: its workers end here
+                self.close(terminate=True)
+            raise
+
+    def reset_wait(self, timeout: float | None = None):
+        self._await("reset")
+        return super().reset_wait()
+
+    def step_wait(self, timeout: float | None = None):
+        self._await("step")
+        return super().step_wait()
+
+    def set_attr(self, name: str, values) -> None:
+        values = values if isinstance(values, (list, tuple)) else [values] * self.num_envs
+        self._send_and_await("set_attr", [("_setattr", (name, value)) for value in values])
+
+    def _check_spaces(self) -> None:
+        # the first answer of each worker, once it has built its env
+        spaces = (self.observation_mode, self.single_observation_space, self.single_action_space)
+        same = vector_call(self, self._send_and_await, "start", [("_check_spaces", spaces)] * self.num_envs)
+        if not all(observations and actions for observations, actions in same):
+            raise RuntimeError("the env workers' observation or action spaces differ from the first env's")
+
+    def _send_and_await(self, doing: str, messages: list) -> tuple:
+        """One message to each worker; their answers read as gymnasium's call_wait reads a call's."""
+        for pipe, message in zip(self.parent_pipes, messages, strict=True):
+            pipe.send(message)
+        self._state = AsyncState.WAITING_CALL
+        self._await(doing)
+        return super().call_wait()
+
+    def _await(self, doing: str) -> None:
+        """Until every worker has answered `doing` (an answer, or a dead worker's EOF, is in its pipe)."""
+        silent = {pipe: i for i, pipe in enumerate(self.parent_pipes) if pipe is not None}
+        start = time.monotonic()
+        while silent:
+            answered = multiprocessing.connection.wait(list(silent), WAIT_SLICE_S)
+            for pipe in answered:
+                del silent[pipe]
+            if answered:
+                continue
+            if self.should_stop():
+                raise WaitStopped(doing)
+            dead = dead_workers(self)
+            if dead:  # the others may never answer: gymnasium would read the pipes in order
+                raise WorkerFault(dead[0], EOFError(), self.processes[dead[0]].exitcode)
+            waited = time.monotonic() - start
+            if waited >= self.worker_timeout:
+                raise WorkerHung(min(silent.values()), doing, waited)
+
+    def close_extras(self, timeout: float | None = None, terminate: bool = False) -> None:
+        """Healthy workers between calls are asked to close their envs; whatever has not ended
+        CLOSE_TIMEOUT_S later, and every worker of a vector env that faulted or was left mid-call, is
+        killed. So no close blocks on a worker, and none is left behind (they are the forkserver's
+        children: one left outlives the driver)."""
+        pipes = self.parent_pipes
+        healthy = not terminate and getattr(self, "_state", None) is AsyncState.DEFAULT
+        if healthy and all(pipe is not None for pipe in pipes) and not dead_workers(self):
+            with contextlib.suppress(OSError):  # a worker that died since
+                for pipe in pipes:
+                    pipe.send(("close", None))
+            deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            for process in self.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        started = [process for process in self.processes if process.pid is not None]
+        for process in started:
+            _kill(process)
+        for pipe in pipes:
+            if pipe is not None:
+                pipe.close()
+        for process in started:
+            process.join(CLOSE_TIMEOUT_S)
+
+
+def _kill(process: multiprocessing.Process) -> None:
+    """SIGKILL, which a stopped worker cannot ignore: gymnasium's terminate sends SIGTERM, which a
+    stopped process keeps pending, and then joins it forever. By pid: once the forkserver is gone (a
+    SIGTERM to the process group ends it too), multiprocessing reports every worker ended (exit code
+    255), live or not, and its own kill() sends nothing (the kernel continues a stopped orphan only
+    where its process group is left orphaned, which a subreaper in the session, a container's init
+    say, prevents)."""
+    if process.exitcode in (None, 255):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
