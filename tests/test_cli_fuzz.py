@@ -18,7 +18,8 @@ import tyro
 
 from conftest import ROOT, TINY_ARGS, run_train
 from racer_vec.run.train_cli import parse_train_args
-from racer_vec.config import ConfigError, TrainConfig, flag_name
+from racer_vec.config import ConfigError, TrainConfig
+from racer_vec.validation import flag_name
 from racer_vec.run.eval_cli import EvalArgs, validate_args
 
 # (flag, value) pairs that are meaningful settings, with why.

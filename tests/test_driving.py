@@ -249,7 +249,7 @@ def test_nonsensical_idm_combinations_are_one_line_and_exit_2(args, message, cap
 
 
 def test_the_training_metrics_log_each_interval_s_episode_means():
-    from racer_vec.run.training import EpisodeTracker
+    from racer_vec.run.counters import EpisodeTracker
 
     tracker = EpisodeTracker(2)
     steps = [  # done, lane changes, overtakes, distance (per env)

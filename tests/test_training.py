@@ -116,7 +116,8 @@ def test_kept_checkpoints_are_the_newest_and_the_first_past_each_milestone(tmp_p
 def test_reset_schedule_steps_and_once_per_step():
     """design §11's schedule as the loop meets it: before each vector step acts (2 envs, updates from
     100 env steps, reset interval 50 vector steps, 400 env steps)."""
-    from racer_vec.run.training import Counters, reset_due
+    from racer_vec.run.counters import Counters
+    from racer_vec.run.training import reset_due
 
     cfg = dataclasses.replace(TrainConfig(), num_envs=2, reset_interval=50, max_steps=400)
     c, resets = Counters(), []
@@ -315,7 +316,7 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        obs, _ = trainer.envs.reset(seed=cfg.seed)
+        obs = trainer._reset_envs(seed=cfg.seed)  # starts the workers
         for _ in range(steps):
             obs = trainer.vector_step(obs)
         stored = {k: np.asarray(getattr(trainer.buffer, k)) for k in ("observations", "actions", "masks", "next_observations")}
@@ -352,7 +353,7 @@ def test_the_loop_compiles_its_calls_once(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        obs = trainer.envs.reset(seed=0)[0]
+        obs = trainer._reset_envs(seed=0)  # starts the workers
         for _ in range(40):  # 80 env steps: random actions to 32, then sampling and updates
             obs = trainer.vector_step(obs)
         assert trainer.counters.updates > 10
@@ -473,7 +474,7 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
 def test_no_update_before_the_buffer_holds_a_transition(tmp_path):
     trainer = _trainer(tmp_path, "--eval-interval", "0", "--start-training", "0", "--batch-size", "2")
     try:
-        obs = trainer.envs.reset(seed=0)[0]
+        obs = trainer._reset_envs(seed=0)  # starts the workers
         obs = trainer.vector_step(obs)
         assert trainer.counters.updates == 0  # the buffer was empty during the first step
         trainer.vector_step(obs)

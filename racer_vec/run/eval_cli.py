@@ -16,7 +16,7 @@ import numpy as np
 
 import configs
 from racer_vec.config import (
-    ACTION_DIM, WORKER_TIMEOUT_S, ConfigError, EnvConfig, RewardParams, TrainConfig, check_finite, resolve, to_dict,
+    ACTION_DIM, WORKER_TIMEOUT_S, ConfigError, EnvConfig, RewardParams, TrainConfig, resolve, to_dict,
 )  # fmt: skip
 from racer_vec.run.checkpoint_files import (
     EVALUATION_ITEMS, DamagedCheckpoint, damage_warning, locate, newest_intact, saved_config, verify,
@@ -28,6 +28,7 @@ from racer_vec.run.provenance import machine_info, source_commit
 from racer_vec.run.signals import stop_signals
 from racer_vec.sim import highway
 from racer_vec.sim.video import VideoRecorder
+from racer_vec.validation import check_finite
 from racer_vec.write_failures import WriteFailed, check_output_dir, write_atomically
 
 PresetName = Literal[tuple(configs.PRESETS)]  # type: ignore[valid-type]
