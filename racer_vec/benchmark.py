@@ -154,7 +154,7 @@ def end_to_end(cfg: TrainConfig, warmup: float, seconds: float) -> dict:
             trainer.setup()
             trainer.buffer = _random_buffer(cfg, trainer.obs_dim, max(cfg.batch_size * 4, 4096))
             trainer.counters.env_steps = cfg.batch_size * 4
-            state = {"obs": trainer.envs.reset(seed=0)[0]}
+            state = {"obs": trainer.reset_envs(seed=0)}  # starts the workers
 
             def train_step():
                 state["obs"] = trainer.vector_step(state["obs"])

@@ -316,7 +316,7 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        obs = trainer._reset_envs(seed=cfg.seed)  # starts the workers
+        obs = trainer.reset_envs(seed=cfg.seed)  # starts the workers
         for _ in range(steps):
             obs = trainer.vector_step(obs)
         stored = {k: np.asarray(getattr(trainer.buffer, k)) for k in ("observations", "actions", "masks", "next_observations")}
@@ -353,7 +353,7 @@ def test_the_loop_compiles_its_calls_once(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        obs = trainer._reset_envs(seed=0)  # starts the workers
+        obs = trainer.reset_envs(seed=0)  # starts the workers
         for _ in range(40):  # 80 env steps: random actions to 32, then sampling and updates
             obs = trainer.vector_step(obs)
         assert trainer.counters.updates > 10
@@ -456,7 +456,7 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
 
     trainer = _trainer(tmp_path, "--eval-interval", "0")
     try:
-        obs = trainer._reset_envs(seed=0)  # starts the workers
+        obs = trainer.reset_envs(seed=0)  # starts the workers
         envs = trainer.envs
 
         def driver_bug(*args, **kwargs):
@@ -474,7 +474,7 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
 def test_no_update_before_the_buffer_holds_a_transition(tmp_path):
     trainer = _trainer(tmp_path, "--eval-interval", "0", "--start-training", "0", "--batch-size", "2")
     try:
-        obs = trainer._reset_envs(seed=0)  # starts the workers
+        obs = trainer.reset_envs(seed=0)  # starts the workers
         obs = trainer.vector_step(obs)
         assert trainer.counters.updates == 0  # the buffer was empty during the first step
         trainer.vector_step(obs)

@@ -159,7 +159,7 @@ class Trainer:
     def _train_loop(self) -> None:
         """Vector steps until max_steps or a stop signal, the schedule's work between them."""
         cfg, c = self.cfg, self.counters
-        obs = self._reset_envs(seed=cfg.seed + c.env_steps)
+        obs = self.reset_envs(seed=cfg.seed + c.env_steps)
         tick = time.perf_counter()
         while c.env_steps < cfg.max_steps and not self.interrupted:
             if reset_due(cfg, c):
@@ -253,7 +253,7 @@ class Trainer:
         return next_obs
 
     # ---------------------------------------------------------------------------- worker faults
-    def _reset_envs(self, seed: int) -> np.ndarray | None:
+    def reset_envs(self, seed: int) -> np.ndarray | None:
         """Start the workers where none run, and reset every env; a worker fault replaces them."""
         cfg = self.cfg
         try:
@@ -289,7 +289,7 @@ class Trainer:
         )  # fmt: skip
         self.tracker.abandon()
         # new seeds, still determined by the run: seed + 1000 * restarts + env index
-        return self._reset_envs(seed=cfg.seed + 1000 * c.worker_restarts_total)
+        return self.reset_envs(seed=cfg.seed + 1000 * c.worker_restarts_total)
 
     # ------------------------------------------------------------------------ logging and eval
     def _learner_metrics(self) -> dict:
