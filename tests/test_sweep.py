@@ -251,11 +251,13 @@ def _stopped_on_failure(proc: subprocess.Popen):
         raise
 
 
-def _train_py(run_name: str):
+def _train_py(run_dir: Path):
+    """The trial's train.py (marked with its run directory, as other runs of the machine are not)."""
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if len(cmd) > 1 and cmd[1].endswith("train.py") and run_name in cmd:
-            return proc
+        with contextlib.suppress(psutil.Error):
+            if len(cmd) > 1 and cmd[1].endswith("train.py") and proc.environ().get(trial.TRIAL_ENV) == str(run_dir):
+                return proc
     return None
 
 
@@ -292,10 +294,10 @@ def scenario(tmp_path_factory):
 
     proc, log = _start(tmp, "first", *argv)
     with _stopped_on_failure(proc):
-        _wait_for(proc, log, lambda: trial.latest_step(long_dir) == 200 and _train_py(LONG) is not None, "a checkpoint")
+        _wait_for(proc, log, lambda: trial.latest_step(long_dir) == 200 and _train_py(long_dir), "a checkpoint")
         killed_at = max(m["env_steps"] for m in _metrics(long_dir))
-        nice = _nice(_train_py(LONG))
-        _train_py(LONG).kill()
+        nice = _nice(_train_py(long_dir))
+        _train_py(long_dir).kill()
         _wait_for(proc, log, lambda: f"{SHORT}: TERMINATED" in log.read_text() and retried(), "the retry to train on")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the sweep's process group
         first_code = proc.wait(timeout=120)
@@ -382,11 +384,11 @@ def test_a_resume_beside_a_trial_is_refused_and_a_killed_sweep_leaves_no_process
             "--max-steps", "100000"]  # fmt: skip
     proc, log = _start(tmp_path, "killed", *argv)
     with _stopped_on_failure(proc):
-        _wait_for(proc, log, lambda: trial.latest_step(run_dir) == 200 and _train_py("seed=0") is not None, "a checkpoint")
+        _wait_for(proc, log, lambda: trial.latest_step(run_dir) == 200 and _train_py(run_dir), "a checkpoint")
         # one writer per run: a manual resume beside the live trial is refused, naming its train.py
         manual = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir)],
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
-        holder = _train_py("seed=0").pid
+        holder = _train_py(run_dir).pid
         assert manual.returncode == 2 and f"{run_dir} is in use: process {holder} trains in it" in manual.stderr
         assert manual.stderr.count("\n") == 1, manual.stderr
         os.kill(proc.pid, signal.SIGKILL)  # the sweep alone (the OOM killer's way), not its process group
