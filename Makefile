@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 # One pytest worker per CPU this process may run on (nproc; at most 4: the largest test files bound
 # the time beyond that). A file's tests share a worker, so its compiled fixtures are built once.
 JOBS := $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
-XDIST := -n $(JOBS) --dist loadfile --no-loadscope-reorder
+XDIST := -n $(JOBS) --dist loadfile
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(XDIST)

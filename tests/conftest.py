@@ -1,12 +1,6 @@
 """Shared fixtures: one tiny training run for every test that needs a run."""
 
-import collections
-import contextlib
-import fcntl
-import importlib.util
 import os
-import signal
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,61 +47,22 @@ def run_train(*args, timeout=300, **popen_kwargs) -> subprocess.CompletedProcess
     )
 
 
-def train_here(*args) -> int:
-    """train.py's main() in this process: a real run (its env workers, learner and checkpoints) that
-    reuses this process's imports and compiled functions, about 6 s of CPU less than run_train's
-    new interpreter after the first. For runs whose results, not whose process, a test checks (read
-    the output with capsys). The stop signals the run leaves ignored are restored."""
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return script.main([str(arg) for arg in args])
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """A finished tiny run (wandb offline, buffer saved): runs/<name> with checkpoints at 200 and 400.
-    One for the whole session: pytest-xdist's workers share it (the first that needs it trains it,
-    the others wait). Tests read it and may add outputs of their own (an evaluation's); a test that
-    changes what it holds works on a copy."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the session's directory, above each worker's own
-    runs_dir, done = shared / "tiny-run", shared / "tiny-run.done"
-    with _locked(shared / "tiny-run.lock"):
-        if not done.exists():
-            shutil.rmtree(runs_dir, ignore_errors=True)  # a failed attempt's
-            env = {**os.environ, "WANDB_SILENT": "true"}
-            result = run_train(
-                *TINY_ARGS, "--runs-dir", str(runs_dir), "--run-name", "tiny", "--save-buffer", "--wandb-mode",
-                "offline", env=env,
-            )  # fmt: skip
-            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-            done.touch()
+    """A finished tiny run (wandb offline, buffer saved): runs/<name> with checkpoints at 200 and 400."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    result = run_train(
+        *TINY_ARGS, "--runs-dir", str(runs_dir), "--run-name", "tiny", "--save-buffer", "--wandb-mode", "offline",
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return runs_dir / "tiny"
 
 
 def pytest_collection_modifyitems(items):
     """A test that needs the tiny run is a real run: slow, whatever its own marks say (the quick
-    subset, `make test-quick`, stays near a minute).
-
-    Then the files with the most slow tests go first, each file's tests in their order: pytest-xdist's
-    workers take whole files in this order (`make test`: --dist loadfile --no-loadscope-reorder), so
-    the long files start early and the short ones even out the end."""
+    subset, `make test-quick`, stays near a minute)."""
     for item in items:
         if "tiny_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])

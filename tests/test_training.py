@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, TINY_ARGS, run_train, train_here
+from conftest import ROOT, TINY_ARGS, run_train
 from racer_vec.run.checkpoints import Checkpointer
 from racer_vec.config import TrainConfig, from_dict
 
@@ -53,7 +53,8 @@ def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     before = _metrics(run_dir)[-1]
-    assert train_here("--resume", run_dir, "--max-steps", "500", "--wandb-mode", "disabled") == 0
+    result = run_train("--resume", str(run_dir), "--max-steps", "500", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
     rows = _metrics(run_dir)
     after = rows[-1]
     assert rows[-2] == before and after["env_steps"] == 500
@@ -139,9 +140,7 @@ def test_reset_schedule_steps_and_once_per_step():
 
 
 @pytest.mark.slow
-def test_reset_schedule_reinitializes_and_a_resumed_run_resets_exactly_as_the_uninterrupted_one(
-    tiny_run, tmp_path, capsys
-):
+def test_reset_schedule_reinitializes_and_a_resumed_run_resets_exactly_as_the_uninterrupted_one(tiny_run, tmp_path):
     """design §11 at the tiny scale: resets after the updates of vector steps 100 and 150 (env steps
     200 and 300), none at 50 (no update yet) nor at 200 (400 is past 80% of 400). Updates run from
     100 env steps, one per vector step, with two critic steps each."""
@@ -156,16 +155,16 @@ def test_reset_schedule_reinitializes_and_a_resumed_run_resets_exactly_as_the_un
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "400")
-    assert train_here("--resume", run_dir, "--max-steps", "400", "--wandb-mode", "disabled") == 0
-    out = capsys.readouterr().out
-    assert out.count("reset the agent") == 2, out[-3000:]
-    assert "at 200 env steps" in out and "at 300 env steps" in out
+    result = run_train("--resume", str(run_dir), "--max-steps", "400", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("reset the agent") == 2, result.stdout[-3000:]
+    assert "at 200 env steps" in result.stdout and "at 300 env steps" in result.stdout
     assert _metrics(run_dir)[-1]["resets_total"] == 2
     assert _adam_counts(run_dir, 400) == _adam_counts(tiny_run, 400)
 
 
 @pytest.mark.slow
-def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path, capsys):
+def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "400" / "buffer")
@@ -173,8 +172,9 @@ def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path, capsys
 
     write_manifest(run_dir / "checkpoints" / "400")  # saved without its buffer (else it is damaged)
     before = _metrics(run_dir)[-1]
-    assert train_here("--resume", run_dir, "--max-steps", "560", "--wandb-mode", "disabled") == 0
-    assert "refilling" in capsys.readouterr().out
+    result = run_train("--resume", str(run_dir), "--max-steps", "560", "--wandb-mode", "disabled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refilling" in result.stdout
     rows = _metrics(run_dir)
     after = rows[-1]
     # 100 refill steps (start_training) without updates, then 60 steps = 30 vector steps of updates
