@@ -4,7 +4,11 @@
     python evaluate.py --policy zero --preset highway_fast
 """
 
+from __future__ import annotations
+
 import sys
+
+from racer_vec.missing_dependency import report_missing_dependencies  # standard library only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,4 +35,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    report_missing_dependencies()  # python3 evaluate.py outside .venv: one line, no traceback
     sys.exit(main())

@@ -1,6 +1,10 @@
 """Train RACER on highway-env: `python train.py [PRESET] [--flags]` (see --help)."""
 
+from __future__ import annotations
+
 import sys
+
+from racer_vec.missing_dependency import report_missing_dependencies  # standard library only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,4 +33,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    report_missing_dependencies()  # python3 train.py outside .venv: one line, no traceback
     sys.exit(main())

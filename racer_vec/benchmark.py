@@ -82,7 +82,7 @@ def env_only(cfg: TrainConfig, workers: int, fast_sim: bool, warmup: float, seco
             lambda: envs.step(rng.uniform(-1, 1, (workers, ACTION_DIM)).astype(np.float32)), warmup, seconds
         )
     finally:
-        highway.close_vector_env(envs, faulted=False)
+        envs.close()
     return calls * workers / elapsed
 
 
@@ -163,7 +163,7 @@ def end_to_end(cfg: TrainConfig, warmup: float, seconds: float) -> dict:
             trainer.setup()
             trainer.buffer = _random_buffer(cfg, trainer.obs_dim, max(cfg.batch_size * 4, 4096))
             trainer.counters.env_steps = cfg.batch_size * 4
-            state = {"obs": trainer.envs.reset(seed=0)[0]}
+            state = {"obs": trainer.reset_envs(seed=0)}  # starts the workers
 
             def train_step():
                 state["obs"] = trainer.vector_step(state["obs"])

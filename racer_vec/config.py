@@ -8,7 +8,6 @@ so ``config.json`` always holds concrete values.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +21,10 @@ ACTION_DIM = 2
 SPEED = 0
 """Action index 0: the acceleration, or with --env.target-speed-action the target speed (design §3)."""
 STEERING = 1
+"""Action index 1: the steering, or with --env.lane-target-action the target lateral position (design §3)."""
+WORKER_TIMEOUT_S = 30.0
+"""The default --worker-timeout of train.py and evaluate.py: far above the slowest healthy step or
+reset measured (design §10), far below what a run can lose waiting for a hung worker."""
 
 
 KINEMATICS_FEATURES = ("presence", "x", "y", "vx", "vy", "heading")
@@ -75,6 +78,10 @@ class EnvConfig:
     speed_control_gain: float = 1.0
     """Fraction of the speed error the controller closes in one policy step, in (0, 1]: 1 reaches the
     target in one step where the acceleration bounds allow; above 1 it would overshoot."""
+    lane_target_action: bool = False
+    """Action index 1 is a target lateral position across the road rather than a steering angle: -1
+    the first lane's centre, 1 the last lane's, continuous in between; the env layer steers towards it
+    with a lateral controller (design §3), so a lane change is one decision."""
 
     @property
     def obs_dim(self) -> int:
@@ -210,6 +217,24 @@ class AgentConfig:
     limits_weight_decay: float = 1e-3
     cvar_limits: float | None = None
     """CVaR level of the limit's loss; None: follow cvar_risk."""
+    speed_floor: float | None = None
+    """Practice: the lowest target speed (m/s) the policy may choose while it trains, a floor inside its
+    squash (design §4.1); it holds until --agent.speed-floor-hold and falls linearly to the low end of
+    --env.target-speed-range at --agent.speed-floor-end. Evaluation has none. Needs
+    --env.target-speed-action; None: no floor."""
+    speed_floor_hold: int = 0
+    """The transition (counted like --max-steps) up to which the speed floor holds at --agent.speed-floor."""
+    speed_floor_end: int = 0
+    """The transition from which the speed floor is at the range's low end (none left)."""
+    cap_ramp_init: float | None = None
+    """RACER's ramp on a learned speed cap (design §4.1): the cap the policy acts and learns with is
+    min(h, ramp); the ramp is this fraction of the target-speed range (like --agent.init-limit) until
+    --agent.cap-ramp-start, then rises linearly to 1 at --agent.cap-ramp-end. Evaluation uses it too.
+    Needs --agent.limited-action speed; None: no ramp."""
+    cap_ramp_start: int = 0
+    """The transition (counted like --max-steps) from which the cap's ramp rises."""
+    cap_ramp_end: int = 0
+    """The transition at which the cap's ramp reaches 1, the whole target-speed range."""
     q_entropy_target_diff: float = -0.01
     q_entropy_lagrange_init: float = 1e-3
     q_entropy_lagrange_lr: float = 1e-3
@@ -239,6 +264,9 @@ class TrainConfig:
     """Agent updates per vector step; None: num_envs (one update per collected transition)."""
     max_worker_restarts: int = 3
     """Env worker faults a run survives by replacing its workers (design §10); one more stops it."""
+    worker_timeout: float = WORKER_TIMEOUT_S
+    """Seconds an env worker may take to answer a step or reset before it counts as hung, a fault like
+    a death (design §10)."""
     reset_interval: int = 0
     """Every this many vector steps, while below 80% of max_steps, re-initialize every agent train
     state but the temperature, keeping the buffer, as the public release does (design §11); 0: never."""
@@ -299,141 +327,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         agent = dataclasses.replace(agent, cvar_limits=agent.cvar_risk)
     upi = cfg.updates_per_iteration if cfg.updates_per_iteration is not None else cfg.num_envs
     cfg = dataclasses.replace(cfg, agent=agent, updates_per_iteration=upi)
+    from racer_vec.validation import validate  # validation reads these classes: imported here, not above
+
     validate(cfg)
     return cfg
-
-
-def _numbers(obj, prefix: str = ""):
-    """(flag, value) of every number in a config, tuples and nested sections included."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        flag = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            yield from _numbers(value, f"{flag}.")
-        elif isinstance(value, tuple):
-            yield from ((flag, v) for v in value if isinstance(v, (int, float)))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield flag, value
-
-
-def flag_name(path: str) -> str:
-    return "--" + path.replace("_", "-")
-
-
-def check_finite(cfg) -> None:
-    """NaN and infinity parse as floats, and no field means anything with them."""
-    for path, value in _numbers(cfg):
-        if not math.isfinite(value):
-            raise ConfigError(f"{flag_name(path)} must be a finite number, got {value}")
-
-
-def _check_bounds(bounds: dict[str, tuple[object, str]]) -> None:
-    """`bounds`: flag -> (value, rule); rules are "> 0", ">= 0"."""
-    for flag, (value, rule) in bounds.items():
-        ok = value > 0 if rule == "> 0" else value >= 0
-        if not ok:
-            raise ConfigError(f"{flag} must be {'positive' if rule == '> 0' else '>= 0'}, got {value}")
-
-
-# The sign rules, as field paths (the message names flag_name(path)), checked in this order: the
-# first failing field is the one reported.
-_POSITIVE = (
-    "num_envs", "max_steps", "batch_size", "utd_ratio", "buffer_size", "updates_per_iteration", "log_interval",
-    "checkpoint_interval", "keep_checkpoints", "eval_episodes",
-    "agent.num_qs", "agent.num_atoms", "agent.pointnet_dim",
-    # log 0: the run would stop as non-finite after its warm-up
-    "agent.init_temperature", "agent.q_entropy_lagrange_init",
-    "env.observed_vehicles", "env.vehicles_count", "env.lanes_count", "env.vehicles_density", "env.ego_spacing",
-    "env.duration", "env.simulation_frequency", "env.policy_frequency",
-    "reward.critical_ttc", "reward.proximity", "reward.cone_half_angle",
-)  # fmt: skip
-_NON_NEGATIVE = (
-    "start_training", "eval_interval", "reset_interval", "max_worker_restarts", "keep_checkpoint_every",
-    # numpy and highway-env take seeds >= 0 only
-    "seed", "eval_seed",
-    "env.max_offroad_steps", "reward.safety_coeff",
-    # a zero learning rate or weight decay is a valid ablation (that part stays frozen)
-    "agent.actor_lr", "agent.critic_lr", "agent.temp_lr", "agent.limits_lr", "agent.q_entropy_lagrange_lr",
-    "agent.critic_weight_decay", "agent.limits_weight_decay",
-)  # fmt: skip
-
-
-def _check_signs(cfg: TrainConfig) -> None:
-    value = lambda path: functools.reduce(getattr, path.split("."), cfg)  # noqa: E731
-    bounds = {flag_name(path): (value(path), "> 0") for path in _POSITIVE}
-    bounds.update({flag_name(path): (value(path), ">= 0") for path in _NON_NEGATIVE})
-    _check_bounds(bounds)
-
-
-def _validate_agent(agent: AgentConfig) -> None:
-    if any(h <= 0 for h in agent.hidden_dims) or not agent.hidden_dims:
-        raise ConfigError(f"--agent.hidden-dims must be positive sizes, got {agent.hidden_dims}")
-    if agent.num_atoms < 2:
-        raise ConfigError(f"--agent.num-atoms must be at least 2, got {agent.num_atoms}")
-    for flag, risk in (("--agent.cvar-risk", agent.cvar_risk), ("--agent.cvar-limits", agent.cvar_limits)):
-        if risk is not None and not 0.0 <= risk < 1.0:
-            raise ConfigError(f"{flag} must be in [0, 1), got {risk}")
-    if agent.q_min >= agent.q_max:
-        raise ConfigError(f"--agent.q-min ({agent.q_min}) must be below --agent.q-max ({agent.q_max})")
-    if not 0.0 < agent.init_limit <= 1.0:
-        raise ConfigError(f"--agent.init-limit must be in (0, 1], got {agent.init_limit}")
-    if not 0.0 <= agent.discount <= 1.0:
-        raise ConfigError(f"--agent.discount must be in [0, 1], got {agent.discount}")
-    if not 0.0 < agent.tau <= 1.0:
-        raise ConfigError(f"--agent.tau must be in (0, 1], got {agent.tau}")
-
-
-def _validate_run(cfg: TrainConfig) -> None:
-    collected = max(cfg.start_training, cfg.num_envs)
-    if cfg.batch_size > collected:
-        raise ConfigError(
-            f"--batch-size ({cfg.batch_size}) is larger than the {collected} transitions collected "
-            f"before training starts (--start-training)"
-        )
-    if cfg.buffer_size < cfg.num_envs:
-        raise ConfigError(f"--buffer-size ({cfg.buffer_size}) must hold at least --num-envs transitions")
-
-
-def _validate_env(env: EnvConfig) -> None:
-    if env.policy_frequency > env.simulation_frequency:
-        raise ConfigError(
-            f"--env.policy-frequency ({env.policy_frequency}) must not exceed --env.simulation-frequency "
-            f"({env.simulation_frequency}): the simulator steps at least once per action"
-        )
-    if not 0.0 < env.speed_control_gain <= 1.0:
-        raise ConfigError(f"--env.speed-control-gain must be in (0, 1], got {env.speed_control_gain}")
-
-
-def _validate_across_sections(cfg: TrainConfig) -> None:
-    """The agent's speed cap needs the env's target speed; every (low, high) range, in any section."""
-    env, reward = cfg.env, cfg.reward
-    if cfg.agent.learned_limit and cfg.agent.limited_action == "speed" and not env.target_speed_action:
-        raise ConfigError("--agent.limited-action speed caps a target speed: it needs --env.target-speed-action")
-    for flag, (lo, hi) in (("--reward.speed-range", reward.speed_range), ("--env.reward-speed-range", env.reward_speed_range),
-                           ("--env.target-speed-range", env.target_speed_range)):
-        if not lo < hi:
-            raise ConfigError(f"{flag} must be increasing, got {(lo, hi)}")
-
-
-def _validate_reward(env: EnvConfig, reward: RewardConfig) -> None:
-    """The training reward: the env section's reward weights and the reward section."""
-    if env.normalize_reward and env.high_speed_reward + env.right_lane_reward - env.collision_reward <= 0:
-        raise ConfigError(
-            "--env.normalize-reward maps [--env.collision-reward, --env.high-speed-reward + --env.right-lane-reward] "
-            "onto [0, 1]: that range must be increasing"
-        )
-    if not reward.critical_ttc < reward.warning_ttc:
-        raise ConfigError("--reward.critical-ttc must be below --reward.warning-ttc")
-    if reward.cone_half_angle > math.pi:
-        raise ConfigError(f"--reward.cone-half-angle must be at most pi, got {reward.cone_half_angle}")
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Raises ConfigError naming the flag of the first failing check, in this order."""
-    check_finite(cfg)
-    _check_signs(cfg)
-    _validate_agent(cfg.agent)
-    _validate_run(cfg)
-    _validate_env(cfg.env)
-    _validate_across_sections(cfg)
-    _validate_reward(cfg.env, cfg.reward)

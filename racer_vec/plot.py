@@ -29,7 +29,7 @@ import tyro
 from racer_vec.config import ConfigError
 from racer_vec.results import RELEASE_ROWS, RELEASE_STEPS, read_json
 from racer_vec.run.jsonl import read_jsonl
-from racer_vec.run.write_failures import WriteFailed, check_output_file, error_exit, write_atomically
+from racer_vec.write_failures import WriteFailed, check_output_file, error_exit, write_atomically
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Results files: one small JSON per evaluated run, and a Markdown table of several.
 
     python -m racer_vec.results collect runs/NAME --evaluation runs/NAME/eval/STEP/evaluation_metrics.json
+    python -m racer_vec.results collect --evaluation eval/idm40_highway_fast/evaluation_metrics.json  # a baseline
     python -m racer_vec.results table results/*.json
     python -m racer_vec.results table results/*.json --mean-over-seeds
     python -m racer_vec.results table results/*.json --release
@@ -10,13 +11,16 @@ A results file keeps what a reader needs to trust and reproduce a number without
 training totals at the evaluated checkpoint, wall time, transitions/s, for every start or resume
 of the run the source commit and the machine (with the collector's `--notes` on them), and the
 learning curve up to the evaluated step (the metrics `racer_vec.plot` draws), so that plots can be
-redrawn from the results files alone.
+redrawn from the results files alone. A baseline policy's results file (evaluate.py --policy, no run)
+has its evaluation, its env's config, `env_steps` 0, no CVaR and no training; its `seed` is the
+evaluation's --seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Union
@@ -25,19 +29,20 @@ import tyro
 
 from racer_vec.config import ConfigError, TrainConfig, from_dict, to_dict
 from racer_vec.run.jsonl import read_jsonl
-from racer_vec.run.write_failures import WriteFailed, check_output_file, error_exit, write_atomically
+from racer_vec.write_failures import WriteFailed, check_output_file, error_exit, write_atomically
 
 
 @dataclasses.dataclass(frozen=True)
 class Collect:
-    """Write the results file of a run evaluated by evaluate.py."""
+    """Write the results file of a run evaluated by evaluate.py, or of a baseline policy's evaluation."""
 
-    run: tyro.conf.Positional[Path]
-    """Run directory (config.json, metrics.jsonl, run_info.jsonl)."""
     evaluation: Path
-    """evaluation_metrics.json written by evaluate.py for one of the run's checkpoints."""
+    """evaluation_metrics.json written by evaluate.py for one of the run's checkpoints (or, without a
+    run, for a baseline policy)."""
+    run: tyro.conf.Positional[Path | None] = None
+    """Run directory (config.json, metrics.jsonl, run_info.jsonl); none for a baseline policy."""
     output: Path | None = None
-    """Results file; default: results/<run name>_<step>.json."""
+    """Results file; default: results/<run name>_<step>.json, or results/<baseline>.json."""
     notes: str | None = None
     """What a reader needs that the files do not say, kept in the results file: e.g. that a resumed
     run's sessions ran on different commits, and why their numbers are still one run's."""
@@ -88,6 +93,8 @@ def read_json(path: Path, what: str):
 CURVE_KEYS = (
     "env_steps", "updates", "sps", "episode_return_mean", "episode_training_return_mean", "episode_length_mean",
     "speed_ema", "collision_ema", "train_collisions_total", "offroad_terminations_total", "episodes_total",
+    "episode_lane_changes_mean", "episode_overtakes_mean", "episode_distance_mean",
+    "speed_floor", "cap_ramp", "effective_limit",
 )  # fmt: skip
 """Per log interval, what a learning curve needs (plus every `eval/...` key)."""
 
@@ -105,7 +112,34 @@ def curve(metrics: dict[int, dict], last_step: int) -> list[dict]:
     ]
 
 
-def collect(run_dir: Path, evaluation_file: Path, notes: str | None = None) -> dict:
+def collect_baseline(evaluation_file: Path, notes: str | None = None) -> dict:
+    """The results file of a baseline policy's evaluation (no run, no training)."""
+    evaluation = read_json(evaluation_file, "evaluation file")
+    config = evaluation.get("config") or {}
+    if config.get("checkpoint") or "label" not in config.get("evaluation", {}):
+        raise ConfigError(f"{evaluation_file}: not a baseline policy's evaluation (a checkpoint's needs its run)")
+    settings = config["evaluation"]
+    return {
+        "run": settings["label"],
+        "preset": settings["preset"],
+        "seed": settings["seed"],
+        "cvar_risk": None,
+        "env_steps": 0,
+        "evaluation": evaluation["summary"],
+        "evaluation_settings": settings,
+        "evaluation_provenance": config.get("provenance"),
+        "training": None,
+        "sessions": [],
+        "notes": notes,
+        # the env the episodes ran on, in the preset's config
+        "config": {**config["train"], "env": config["env"]},
+        "curve": [],
+    }
+
+
+def collect(run_dir: Path | None, evaluation_file: Path, notes: str | None = None) -> dict:
+    if run_dir is None:
+        return collect_baseline(evaluation_file, notes)
     config = read_json(run_dir / "config.json", "run config (is this a run directory?)")
     evaluation = read_json(evaluation_file, "evaluation file")
     checkpoint = (evaluation.get("config") or {}).get("checkpoint")
@@ -129,8 +163,10 @@ def collect(run_dir: Path, evaluation_file: Path, notes: str | None = None) -> d
         "seed": config["seed"],
         "cvar_risk": config["agent"]["cvar_risk"],
         "env_steps": step,
+        "schedules": schedules(config),
         "evaluation": evaluation["summary"],
         "evaluation_settings": evaluation["config"]["evaluation"],
+        "evaluation_provenance": evaluation["config"].get("provenance"),
         "training": {
             "logged_at_env_steps": at_step["env_steps"],
             "train_collisions_total": at_step.get("train_collisions_total"),
@@ -153,6 +189,40 @@ def collect(run_dir: Path, evaluation_file: Path, notes: str | None = None) -> d
 
 def kilo(env_steps: int) -> str:
     return f"{env_steps / 1000:g}k"
+
+
+def cvar_text(cvar_risk: float | None) -> str:
+    return "—" if cvar_risk is None else f"{cvar_risk:g}"  # None: a baseline policy
+
+
+SCHEDULES = {"speed_floor": ("speed_floor_hold", "speed_floor_end"),
+             "cap_ramp_init": ("cap_ramp_start", "cap_ramp_end")}
+"""The schedules of the policy's speed box (design §4.1): the field that turns each on, and its two transitions."""
+
+
+def schedules(config: dict) -> dict:
+    """The schedule settings that trained a run, from its config ({} for none, a baseline's config, or a
+    config older than them)."""
+    agent = config.get("agent", {})
+    return {k: agent[k] for on, ends in SCHEDULES.items() if agent.get(on) is not None for k in (on, *ends)}
+
+
+def schedule_text(result: dict) -> str:
+    """A run's schedules as a table cell, e.g. `floor 30 m/s to 200k, none by 400k`; "—" for none."""
+    s, parts = schedules(result["config"]), []
+    if "speed_floor" in s:
+        hold, end = kilo(s["speed_floor_hold"]), kilo(s["speed_floor_end"])
+        parts.append(f"floor {s['speed_floor']:g} m/s to {hold}, none by {end}")
+    if "cap_ramp_init" in s:
+        parts.append(f"cap ramp {s['cap_ramp_init']:g} to {kilo(s['cap_ramp_start'])}, 1 by {kilo(s['cap_ramp_end'])}")
+    return "; ".join(parts) or "—"
+
+
+def with_schedules(labels: list[str], rows: list[tuple[list[str], list[dict]]]):
+    """The label columns and rows with a `schedules` column, where any row was trained with one."""
+    if all(schedule_text(group[0]) == "—" for _, group in rows):
+        return labels, rows
+    return [*labels, "schedules"], [([*text, schedule_text(group[0])], group) for text, group in rows]
 
 
 def evaluation_label(result: dict) -> str:
@@ -204,6 +274,9 @@ COLUMNS = (
     Column("eval collisions", _field("evaluation", "collision_rate", then=_percent), 0, "%"),
     Column("eval offroad", _field("evaluation", "offroad_episode_rate", then=_percent), 0, "%"),
     Column("eval success", _field("evaluation", "success_rate", then=_percent), 0, "%"),
+    Column("eval lane changes", _field("evaluation", "mean_lane_changes"), 1),
+    Column("eval overtakes", _field("evaluation", "mean_overtakes"), 1),
+    Column("eval distance [m]", _field("evaluation", "mean_distance"), 0),
     Column("train collisions", _field("training", "train_collisions_total"), 1),
     Column("transitions/s", _field("training", "transitions_per_s"), 1),
     Column("wall time [h]", _field("training", "wall_time_s", then=lambda seconds: seconds / 3600), 2),
@@ -288,9 +361,9 @@ def release_cells(row: ReleaseRow, header: list[str]) -> list[str]:
 def table(results: list[dict], release: bool = False) -> str:
     """One row per results file."""
     labels = ["run", "CVaR", "seed", "transitions", "evaluation"]
-    rows = [([r["run"], f"{r['cvar_risk']:g}", str(r["seed"]), kilo(r["env_steps"]), evaluation_label(r)], [r])
+    rows = [([r["run"], cvar_text(r["cvar_risk"]), str(r["seed"]), kilo(r["env_steps"]), evaluation_label(r)], [r])
             for r in results]  # fmt: skip
-    return results_table(labels, rows, per_run=True, release=release)
+    return results_table(*with_schedules(labels, rows), per_run=True, release=release)
 
 
 BOOKKEEPING = {
@@ -308,7 +381,8 @@ def settings_key(result: dict) -> tuple:
     except (ConfigError, TypeError):
         config = result["config"]
     settings = {k: v for k, v in config.items() if k not in BOOKKEEPING}
-    return (result["preset"], result["env_steps"], result["cvar_risk"], evaluation_label(result),
+    cvar_risk = -math.inf if result["cvar_risk"] is None else result["cvar_risk"]  # None: a baseline, first
+    return (result["preset"], result["env_steps"], cvar_risk, evaluation_label(result),
             json.dumps(settings, sort_keys=True))  # fmt: skip
 
 
@@ -321,9 +395,9 @@ def seed_groups(results: list[dict]) -> list[list[dict]]:
 def mean_table(results: list[dict], release: bool = False) -> str:
     """One row per group of runs that differ only in seed: mean ± std over its seeds."""
     labels = ["preset", "CVaR", "transitions", "seeds", "runs", "evaluation"]
-    rows = [([g[0]["preset"], f"{g[0]['cvar_risk']:g}", steps_text(g), seeds_text(g), ", ".join(r["run"] for r in g),
-              evaluation_label(g[0])], g) for g in seed_groups(results)]  # fmt: skip
-    return results_table(labels, rows, release=release)
+    rows = [([g[0]["preset"], cvar_text(g[0]["cvar_risk"]), steps_text(g), seeds_text(g),
+              ", ".join(r["run"] for r in g), evaluation_label(g[0])], g) for g in seed_groups(results)]  # fmt: skip
+    return results_table(*with_schedules(labels, rows), release=release)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             if command.output is not None:
                 check_output_file("--output", command.output)
             result = collect(command.run, command.evaluation, command.notes)
-            output = command.output or Path("results") / f"{result['run']}_{result['env_steps']}.json"
+            name = result["run"] if command.run is None else f"{result['run']}_{result['env_steps']}"
+            output = command.output or Path("results") / f"{name}.json"
             write_atomically(output, json.dumps(result, indent=2) + "\n")
             print(f"wrote {output}")
         else:

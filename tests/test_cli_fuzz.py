@@ -18,7 +18,8 @@ import tyro
 
 from conftest import ROOT, TINY_ARGS, run_train
 from racer_vec.run.train_cli import parse_train_args
-from racer_vec.config import ConfigError, TrainConfig, flag_name
+from racer_vec.config import ConfigError, TrainConfig
+from racer_vec.validation import flag_name
 from racer_vec.run.eval_cli import EvalArgs, validate_args
 
 # (flag, value) pairs that are meaningful settings, with why.
@@ -54,10 +55,13 @@ ACCEPTED = {
     **{(f"--agent.{name}", "0"): "frozen: a valid ablation" for name in (
         "actor-lr", "critic-lr", "temp-lr", "limits-lr", "q-entropy-lagrange-lr", "critic-weight-decay",
         "limits-weight-decay")},
+    **{(f"--agent.{name}", "0"): "a schedule's transition, its default: none without its schedule" for name in (
+        "speed-floor-hold", "speed-floor-end", "cap-ramp-start", "cap-ramp-end")},
 }  # fmt: skip
 EVAL_ACCEPTED = {
     ("--seed", "0"): "a seed",
     ("--max-videos", "0"): "no videos",
+    ("--max-worker-restarts", "0"): "the first worker fault ends the evaluation",
     ("--constant-action", "0"): "coasting straight",
     ("--constant-action", "-1"): "full brake, full left",
 }
@@ -92,7 +96,8 @@ def test_the_fields_are_found():
     assert {"num_envs", "agent.cvar_risk", "env.vehicles_density", "reward.speed_range", "agent.hidden_dims",
             "agent.target_entropy", "eval_seed", "max_worker_restarts"} <= paths  # fmt: skip
     assert {path for path, _ in EVAL_FIELDS} == {"num_episodes", "num_workers", "seed", "max_videos", "duration",
-                                                 "constant_action", "hold_speed"}  # fmt: skip
+                                                 "constant_action", "hold_speed", "idm_target_speed",
+                                                 "worker_timeout", "max_worker_restarts"}  # fmt: skip
     assert all(flag in {flag_name(p) for p in paths} for flag, _ in ACCEPTED)
 
 

@@ -20,7 +20,6 @@ from racer_vec.config import STEERING, ConfigError, EnvConfig
 from racer_vec.sim.highway import (
     STEP_KEYS,
     EnvWorkerError,
-    close_vector_env,
     final_observations,
     find_failed_worker,
     make_env,
@@ -191,13 +190,18 @@ def test_env_worker_error_pickles_and_survives_gymnasiums_rewrap():
 
 def test_no_jax_in_worker_imports():
     """Design §2: the whole simulator side, the config, the presets, the entry points' and the
-    tools' -m modules import no JAX (workers re-import them as __mp_main__)."""
+    tools' -m modules import no JAX (workers re-import them as __mp_main__); the simulator side
+    imports nothing of the run, learner or sweep side."""
     code = """
 import importlib, pkgutil, sys
 import racer_vec.sim
 sim = [m.name for m in pkgutil.walk_packages(racer_vec.sim.__path__, "racer_vec.sim.")]
 assert {"racer_vec.sim.highway", "racer_vec.sim.fast_sim", "racer_vec.sim.rewards", "racer_vec.sim.video"} <= set(sim)
-for name in sim + ["racer_vec", "racer_vec.config", "configs", "train", "evaluate",
+for name in sim:
+    importlib.import_module(name)
+other_side = sorted(m for m in sys.modules if m.startswith(("racer_vec.run", "racer_vec.learner", "racer_vec.sweep")))
+assert not other_side, other_side
+for name in ["racer_vec", "racer_vec.config", "racer_vec.validation", "configs", "train", "evaluate",
                    "racer_vec.benchmark", "racer_vec.profile_learner", "racer_vec.plot", "racer_vec.results", "racer_vec.pendulum",
                    "racer_vec.sweep", "racer_vec.sweep.__main__", "racer_vec.run.evaluation"]:
     importlib.import_module(name)
@@ -256,7 +260,7 @@ def test_vector_env_same_step_autoreset_keeps_final_obs_and_info():
         np.testing.assert_array_equal(final_observations(obs, infos), obs)
         assert step_values(infos, 2)["speed"].shape == (2,)
     finally:
-        close_vector_env(envs, faulted=False)
+        envs.close()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gymnasium logs the worker's traceback
@@ -271,7 +275,7 @@ def test_worker_exception_is_reported_with_its_index():
         assert find_failed_worker(envs, caught.value) == 1
         assert "ZeroDivisionError" in str(caught.value)
     finally:
-        close_vector_env(envs, faulted=True)
+        envs.close()
     assert all(p.exitcode is not None for p in envs.processes)
 
 
@@ -295,7 +299,7 @@ def test_dead_worker_is_found_by_its_exit_code(mid_step):
                 envs.step(actions)
         assert find_failed_worker(envs, caught.value) == 1
     finally:
-        close_vector_env(envs, faulted=True)
+        envs.close()
     assert all(p.exitcode is not None for p in envs.processes)
 
 
@@ -304,7 +308,7 @@ SIGINT_DRIVER = textwrap.dedent(
     import signal, time
     import numpy as np
     import configs
-    from racer_vec.sim.highway import close_vector_env, make_vector_env
+    from racer_vec.sim.highway import make_vector_env
 
     def main():
         interrupted = []
@@ -319,7 +323,7 @@ SIGINT_DRIVER = textwrap.dedent(
         alive = all(p.is_alive() for p in envs.processes)
         envs.step(np.zeros((2, 2), dtype=np.float32))
         print("result", bool(interrupted), alive, flush=True)
-        close_vector_env(envs, faulted=False)
+        envs.close()
 
     if __name__ == "__main__":
         main()

@@ -1,31 +1,40 @@
 """Runs that survive the machine (design §8, §10, §12): one writer per run, logs that survive a kill,
-a write that fails (a full disk), places that cannot be written, and no process left by a killed
-sweep. A full disk is a file-size limit here (RLIMIT_FSIZE, with SIGXFSZ ignored: writes past it
-fail with EFBIG), which needs neither root nor a real disk."""
+a write that fails (a full disk), places that cannot be written, no process left by a killed
+sweep, and env workers that hang. A full disk is a file-size limit here (RLIMIT_FSIZE, with SIGXFSZ
+ignored: writes past it fail with EFBIG), which needs neither root nor a real disk. A hung worker
+stops itself (SIGSTOP) in a step, a reset or while it starts (tests/worker_hooks.py)."""
 
+import contextlib
 import dataclasses
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
 import configs
-from conftest import ROOT, run_train
+import worker_hooks
+from conftest import ROOT, TINY_ARGS, run_train
+from worker_hooks import Hang
 from racer_vec import plot, results
 from racer_vec.config import ConfigError, resolve, to_dict
 from racer_vec.run import checkpoint_files
 from racer_vec.run.jsonl import append_jsonl, read_jsonl
 from racer_vec.run.run_dir import RunDirectory
 from racer_vec.run.run_lock import LOCK_FD_ENV, RunLock
-from racer_vec.run.write_failures import WriteFailed
+from racer_vec.sim import highway, video
 from racer_vec.sweep import trial, watchdog
 from racer_vec.sweep.__main__ import main as sweep_main
+from racer_vec.write_failures import WriteFailed
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
@@ -177,7 +186,7 @@ CHECKPOINT_ON_A_FULL_DISK = """
 import sys
 import numpy as np
 from racer_vec.run.checkpoints import Checkpointer
-from racer_vec.run.write_failures import WriteFailed
+from racer_vec.write_failures import WriteFailed
 checkpointer = Checkpointer(sys.argv[1], keep=5)
 checkpointer.save(1, {"a": np.zeros(10, np.float32)}, {"n": 1})
 big = {f"x{i}": np.random.default_rng(i).normal(size=20000).astype(np.float32) for i in range(8)}
@@ -330,6 +339,262 @@ def test_the_watchdog_ends_what_a_killed_sweep_started(tmp_path):
         time.sleep(0.2)
     assert _running(started) == []
     assert (tmp_path / "trial").read_text() == "checkpointed"  # SIGTERM first: train.py checkpoints
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Env workers that hang (design §8, §10)
+
+FAST = configs.PRESETS["highway_fast"].env
+STILL = np.zeros((2, 2), np.float32)
+
+
+def _no_worker_left(timeout: float = 10.0) -> list:
+    """The live children of this process's forkserver (env workers), once they are gone or at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        forkservers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+        left = _running([c.pid for fs in forkservers for c in fs.children()])
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _hang(monkeypatch, *hangs: Hang) -> None:
+    """Arm `hangs` in every vector env this process starts; a stopped worker that the code under test
+    did not kill goes on after 30 s (the test then fails rather than waits for ever)."""
+    monkeypatch.setattr(highway, "_worker_env", worker_hooks.stand_in(*hangs))
+    for hang in hangs:
+        worker_hooks.continue_later(hang.marker)
+
+
+def test_a_worker_that_hangs_while_it_starts_is_named_and_killed(tmp_path, monkeypatch):
+    marker = str(tmp_path / "hung")
+    _hang(monkeypatch, Hang(1, "start", 1, marker))
+    started = time.monotonic()
+    with pytest.raises(highway.WorkerHung) as hung:
+        highway.make_vector_env(FAST, 2, seed=0, worker_timeout=2.0).close()
+    assert time.monotonic() - started < 20  # gymnasium's constructor waits for ever
+    assert hung.value.env_index == 1 and hung.value.doing == "start" and 2.0 <= hung.value.waited < 10
+    assert hung.value.describe().startswith("env worker 1 hung (no answer to its start in ")
+    assert _no_worker_left() == []
+
+
+def test_a_stop_ends_the_wait_for_a_hung_worker_and_the_close_kills_it(tmp_path, monkeypatch):
+    marker = str(tmp_path / "hung")
+    _hang(monkeypatch, Hang(1, "step", 1, marker))
+    stop = threading.Event()
+    envs = highway.make_vector_env(FAST, 2, seed=0, worker_timeout=60.0, should_stop=stop.is_set)
+    try:
+        envs.reset(seed=0)
+        threading.Thread(target=lambda: (worker_hooks.wait_for(marker), stop.set()), daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(highway.WaitStopped):
+            envs.step(STILL)
+        assert time.monotonic() - started < 20  # a signal handler's flag, seen within a slice
+    finally:
+        started = time.monotonic()
+        envs.close()
+    assert time.monotonic() - started < 20 and _no_worker_left() == []  # gymnasium's close waits for the step
+
+
+def test_a_close_kills_a_worker_stopped_between_calls():
+    envs = highway.make_vector_env(FAST, 2, seed=0)
+    envs.reset(seed=0)
+    pid = envs.processes[1].pid
+    os.kill(pid, signal.SIGSTOP)  # by the machine: not dead, so dead_workers() does not see it
+    rescue = threading.Timer(30.0, lambda: _running([pid]) and os.kill(pid, signal.SIGCONT))
+    rescue.daemon = True
+    rescue.start()
+    started = time.monotonic()
+    envs.close()
+    assert time.monotonic() - started < 20  # gymnasium's close waits for its answer
+    assert _no_worker_left() == []
+
+
+@pytest.mark.slow
+def test_hung_training_and_evaluation_workers_are_replaced_and_the_run_finishes(tmp_path, monkeypatch, capsys):
+    """A training worker hangs in the first reset, another mid-step; an evaluation worker hangs in
+    its first reset, another mid-step in the next evaluation. Learning is off: the loop is under test."""
+    from racer_vec.run.train_cli import parse_train_args
+    from racer_vec.run.training import Trainer
+
+    hangs = [Hang(0, "reset", 1, str(tmp_path / "a")), Hang(1, "step", 120, str(tmp_path / "b")),
+             Hang(1, "reset", 1, str(tmp_path / "c"), evaluator=True),
+             Hang(0, "step", 5, str(tmp_path / "d"), evaluator=True)]  # fmt: skip
+    _hang(monkeypatch, *hangs)
+    cfg = parse_train_args([*TINY_ARGS, "--max-steps", "600", "--start-training", "600", "--worker-timeout", "2",
+                            "--runs-dir", str(tmp_path), "--run-name", "hung", "--wandb-mode", "disabled"])  # fmt: skip
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        assert trainer.run() == 0
+    finally:
+        trainer.close()
+    assert _no_worker_left() == []
+    err = capsys.readouterr().err
+    assert "env worker 0 hung (no answer to its reset in 2." in err
+    assert "replacing the env workers at 0 env steps (restart 1 of at most 3)" in err
+    assert "env worker 1 hung (no answer to its step in 2." in err  # its 120th step: 238 env steps
+    assert "replacing the env workers at 238 env steps (restart 2 of at most 3)" in err
+    assert "evaluation worker 1 (episode 1) hung (no answer to its reset in 2." in err
+    assert "at 200 env steps; evaluation skipped" in err
+    assert "evaluation worker 0 (episode 0) hung (no answer to its step in 2." in err
+    assert "at 400 env steps; evaluation skipped" in err
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["env_steps"] for r in rows] == [100, 200, 300, 400, 500, 600]
+    assert rows[-1]["worker_restarts_total"] == 2 and rows[-1]["eval_worker_restarts_total"] == 2
+    assert [r.get("eval/skipped") for r in rows[1::2]] == [1, 1, None]
+    assert rows[-1]["eval/num_episodes"] == 2
+
+
+LAUNCH = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import worker_hooks
+worker_hooks.install(worker_hooks.Hang(1, "step", int(sys.argv[3]), sys.argv[2], evaluator={evaluator}))
+import {module}
+sys.exit({module}.main(sys.argv[4:]))
+"""
+"""Runs train.py's or evaluate.py's main with worker 1 stopping on its k-th step."""
+
+
+def _launch(module: str, marker: Path, count: int, *args) -> subprocess.Popen:
+    launch = LAUNCH.format(module=module, evaluator=module == "evaluate")
+    return subprocess.Popen(
+        [sys.executable, "-c", launch, str(ROOT), str(marker), str(count), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _session_left(sid: int, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == sid:
+                    pids.append(p.pid)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        left = _running(pids)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def _stopped_in_time(proc: subprocess.Popen, marker: Path, send) -> tuple[str, str, float]:
+    """Sends a signal (`send(proc)`) once the worker has hung; the output and how long the stop took."""
+    try:
+        worker_hooks.wait_for(marker)
+        time.sleep(1.0)  # the driver waits for it
+        assert proc.poll() is None, proc.communicate()
+        send(proc)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        return out, err, time.monotonic() - started
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stopped worker too: it is in the driver's process group
+        raise
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_training_worker_hangs_checkpoints_and_leaves_nothing(tmp_path):
+    args = list(TINY_ARGS)
+    for flag, value in (("--max-steps", "100000"), ("--start-training", "100000"), ("--checkpoint-interval", "100000")):
+        args[args.index(flag) + 1] = value
+    marker = tmp_path / "hung"
+    proc = _launch("train", marker, 150, *args, "--eval-interval", "0", "--worker-timeout", "60",
+                   "--runs-dir", str(tmp_path), "--run-name", "run", "--wandb-mode", "disabled")  # fmt: skip
+    out, err, took = _stopped_in_time(proc, marker, lambda p: p.send_signal(signal.SIGTERM))
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert took < 20  # the worker timeout is 60 s
+    assert "interrupted: checkpoint at 298 env steps" in out  # the 149 vector steps before the hung one
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert checkpoint_files.steps(tmp_path / "run" / "checkpoints")[0] == 298 >= rows[-1]["env_steps"]
+    assert _session_left(proc.pid) == []
+
+
+ADOPTER = """
+import ctypes, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: the driver's orphans become this process's children
+driver = subprocess.Popen(sys.argv[1:], process_group=0)
+print(driver.pid, flush=True)
+print(driver.wait(), flush=True)
+time.sleep(600)
+"""
+"""Runs a command in a process group of its own, below a process of the same session that adopts its
+orphans (as a container's init may): the kernel then does not continue a stopped orphan for us."""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_while_an_evaluation_worker_hangs_leaves_nothing(tmp_path):
+    """The SIGTERM ends the forkserver and the other worker, not the stopped one: the driver kills it."""
+    marker = tmp_path / "hung"
+    args = ["--policy", "constant", "--preset", "highway_fast", "--num-episodes", "4", "--num-workers", "2",
+            "--no-render", "--worker-timeout", "60", "--output-dir", str(tmp_path)]  # fmt: skip
+    launch = LAUNCH.format(module="evaluate", evaluator=True)
+    adopter = subprocess.Popen(
+        [sys.executable, "-c", ADOPTER, sys.executable, "-c", launch, str(ROOT), str(marker), "10", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    driver = int(adopter.stdout.readline())
+    try:
+        worker_hooks.wait_for(marker)
+        time.sleep(1.0)  # the driver waits for it
+        os.killpg(driver, signal.SIGTERM)
+        started = time.monotonic()
+        assert select.select([adopter.stdout], [], [], 120)[0], "the driver did not stop"
+        assert int(adopter.stdout.readline()) == 130
+        assert time.monotonic() - started < 20
+        assert [pid for pid in _session_left(adopter.pid) if pid != adopter.pid] == []
+    finally:
+        for group in (driver, adopter.pid):  # whatever is left
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+    assert adopter.communicate()[1].strip().splitlines() == ["interrupted: evaluation_metrics.json not written"]
+
+
+def _evaluate(capsys, output_dir: Path, *extra) -> tuple[list[dict], list[str]]:
+    """evaluate.py in this process (8 episodes of 4 s, the first 2 filmed): its episodes and stderr lines."""
+    args = ["--policy", "constant", "--constant-action", "-0.3", "0", "--preset", "highway_fast", "--num-episodes",
+            "8", "--num-workers", "2", "--duration", "4", "--max-videos", "2", "--output-dir", str(output_dir),
+            *extra]  # fmt: skip
+    code = evaluate.main(args)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    report = json.loads((output_dir / "evaluation_metrics.json").read_text())
+    for k in (0, 1):
+        assert video.mp4_complete(output_dir / f"highway_eval_constant_highway_fast_episode_{k}.mp4")
+    return [{k: v for k, v in e.items() if k != "video"} for e in report["episodes"]], err.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_evaluate_runs_the_episodes_of_hung_workers_again_with_the_same_numbers(tmp_path, monkeypatch, capsys):
+    undisturbed, lines = _evaluate(capsys, tmp_path / "undisturbed")
+    assert lines == []
+    # worker 0 hangs in episode 0, which is filmed; after the restart, worker 1 in its 3rd reset
+    _hang(monkeypatch, Hang(0, "step", 10, str(tmp_path / "a"), evaluator=True),
+          Hang(1, "reset", 3, str(tmp_path / "b"), evaluator=True))
+    episodes, lines = _evaluate(capsys, tmp_path / "hung", "--worker-timeout", "2")
+    assert episodes == undisturbed
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("env worker 0 (episode 0) hung (no answer to its step in 2.")
+    assert "; new env workers run episode(s) 0, " in lines[0] and lines[0].endswith("again (restart 1 of at most 3)")
+    assert lines[1].startswith("env worker 1 (episode ") and "hung (no answer to its reset in 2." in lines[1]
+    assert lines[1].endswith("again (restart 2 of at most 3)")
+    assert _no_worker_left() == []
+
+
+@pytest.mark.slow
+def test_evaluate_past_its_restart_limit_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    _hang(monkeypatch, Hang(1, "reset", 2, str(tmp_path / "a"), evaluator=True))
+    code = evaluate.main(["--policy", "zero", "--preset", "highway_fast", "--num-episodes", "4", "--num-workers", "2",
+                          "--duration", "2", "--no-render", "--worker-timeout", "2", "--max-worker-restarts", "0",
+                          "--output-dir", str(tmp_path)])  # fmt: skip
+    assert code == 1
+    one_error_line(capsys.readouterr().err, "error: env worker 1 (episode ", "hung (no answer to its reset in 2.",
+                   "after 0 worker restarts (--max-worker-restarts 0); evaluation_metrics.json not written")
+    assert not (tmp_path / "evaluation_metrics.json").exists() and _no_worker_left() == []
 
 
 # ---------------------------------------------------------------------------------------------

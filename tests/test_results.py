@@ -158,3 +158,40 @@ def test_table_without_files_or_release_is_one_line_and_exit_2(capsys):
     code = results.main(["table"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--release" in err
+
+
+def test_a_baseline_s_results_file_tabulates_beside_files_written_before_the_diagnostics(tmp_path, capsys):
+    assert evaluate.main(["--policy", "idm", "--preset", "highway_fast", "--duration", "1", "--num-episodes", "2",
+                          "--num-workers", "1", "--no-render", "--output-dir", str(tmp_path / "e")]) == 0  # fmt: skip
+    evaluation = tmp_path / "e" / "evaluation_metrics.json"
+    output = tmp_path / "idm.json"
+    assert results.main(["collect", "--evaluation", str(evaluation), "--output", str(output)]) == 0
+    record = json.loads(output.read_text())
+    summary = json.loads(evaluation.read_text())["summary"]
+    assert record["run"] == "idm40_highway_fast" and record["preset"] == "highway_fast"
+    assert (record["cvar_risk"], record["env_steps"], record["training"], record["curve"]) == (None, 0, None, [])
+    assert record["evaluation"] == summary and record["config"]["env"]["duration"] == 1
+    assert len(record["evaluation_provenance"]["commit"]) == 40 and record["evaluation_provenance"]["machine"]["cores"]
+
+    record["evaluation"] |= {"mean_lane_changes": 1.25, "mean_overtakes": -2.5, "mean_distance": 1234.4}
+    output.write_text(json.dumps(record))
+    old = ROOT / "results" / "hf_cvar0.5_s0_120000.json"  # written before the diagnostics
+    assert "mean_overtakes" not in json.loads(old.read_text())["evaluation"]
+    capsys.readouterr()
+    assert results.main(["table", str(output), str(old)]) == 0
+    baseline, agent = _markdown_rows(capsys.readouterr().out)
+    assert baseline["CVaR"] == "—" and baseline["evaluation"] == "idm, 40 m/s target"
+    assert (baseline["eval lane changes"], baseline["eval overtakes"], baseline["eval distance [m]"]) == (
+        "1.2", "-2.5", "1,234")
+    assert baseline["train collisions"] == "—" and agent["eval overtakes"] == "—" and agent["CVaR"] == "0.5"
+    assert results.main(["table", str(output), str(old), "--mean-over-seeds"]) == 0
+    rows = _markdown_rows(capsys.readouterr().out)
+    assert [row["runs"] for row in rows] == ["idm40_highway_fast", "hf_cvar0.5_s0"]
+
+    # a baseline's evaluation needs no run; a checkpoint's needs its run
+    report = json.loads(evaluation.read_text())
+    report["config"]["checkpoint"] = {"directory": "runs/x/checkpoints", "step": 100}
+    (tmp_path / "ckpt.json").write_text(json.dumps(report))
+    assert results.main(["collect", "--evaluation", str(tmp_path / "ckpt.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a baseline policy's evaluation" in err

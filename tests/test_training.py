@@ -37,10 +37,11 @@ def test_tiny_run_writes_config_metrics_and_checkpoints(tiny_run):
         assert np.isfinite(row["critic_loss"])
     assert rows[0].get("critic_loss") is None  # no update before start_training
     assert "episode_return_mean" in rows[-1] and rows[-1]["episodes_total"] >= 10
+    assert {"episode_lane_changes_mean", "episode_overtakes_mean", "episode_distance_mean"} <= rows[-1].keys()
     # one agent update per vector step once training started at 100 env steps (2 envs)
     assert rows[-1]["updates"] == (400 - 100) // 2
     assert rows[-1]["critic_utd"] == pytest.approx(2 * 1 / 2)
-    assert {"eval/mean_return", "eval/collision_rate", "eval/num_episodes"} <= rows[1].keys()
+    assert {"eval/mean_return", "eval/collision_rate", "eval/num_episodes", "eval/mean_overtakes"} <= rows[1].keys()
     assert rows[1]["eval/num_episodes"] == 2
     steps = sorted(int(p.name) for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [200, 400]
@@ -115,7 +116,8 @@ def test_kept_checkpoints_are_the_newest_and_the_first_past_each_milestone(tmp_p
 def test_reset_schedule_steps_and_once_per_step():
     """design §11's schedule as the loop meets it: before each vector step acts (2 envs, updates from
     100 env steps, reset interval 50 vector steps, 400 env steps)."""
-    from racer_vec.run.training import Counters, reset_due
+    from racer_vec.run.counters import Counters
+    from racer_vec.run.training import reset_due
 
     cfg = dataclasses.replace(TrainConfig(), num_envs=2, reset_interval=50, max_steps=400)
     c, resets = Counters(), []
@@ -314,7 +316,7 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        obs, _ = trainer.envs.reset(seed=cfg.seed)
+        obs = trainer.reset_envs(seed=cfg.seed)  # starts the workers
         for _ in range(steps):
             obs = trainer.vector_step(obs)
         stored = {k: np.asarray(getattr(trainer.buffer, k)) for k in ("observations", "actions", "masks", "next_observations")}
@@ -351,7 +353,7 @@ def test_the_loop_compiles_its_calls_once(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        obs = trainer.envs.reset(seed=0)[0]
+        obs = trainer.reset_envs(seed=0)  # starts the workers
         for _ in range(40):  # 80 env steps: random actions to 32, then sampling and updates
             obs = trainer.vector_step(obs)
         assert trainer.counters.updates > 10
@@ -396,7 +398,7 @@ class FakeEvaluator:
     def __init__(self, seconds=0.0, faults=0):
         self.seconds, self.faults, self.calls, self.closed = seconds, faults, 0, False
 
-    def evaluate(self, policy, num_episodes, seed, should_stop=None):
+    def evaluate(self, policy, num_episodes, seed):
         from racer_vec.sim.highway import WorkerFault
 
         self.calls += 1
@@ -453,9 +455,9 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
     from racer_vec.sim.highway import WorkerFault
 
     trainer = _trainer(tmp_path, "--eval-interval", "0")
-    envs = trainer.envs
     try:
-        obs = envs.reset(seed=0)[0]
+        obs = trainer.reset_envs(seed=0)  # starts the workers
+        envs = trainer.envs
 
         def driver_bug(*args, **kwargs):
             raise RuntimeError("a bug in the driver")
@@ -465,15 +467,14 @@ def test_an_error_of_the_driver_is_not_taken_for_a_worker_fault(tmp_path):
             trainer.vector_step(obs)
         assert not isinstance(raised.value, WorkerFault) and trainer.counters.worker_restarts_total == 0
     finally:
-        del envs.step_wait  # the pending step completes on close
-        trainer.close()
+        trainer.close()  # kills the workers of the pending step
 
 
 @pytest.mark.slow  # a real run
 def test_no_update_before_the_buffer_holds_a_transition(tmp_path):
     trainer = _trainer(tmp_path, "--eval-interval", "0", "--start-training", "0", "--batch-size", "2")
     try:
-        obs = trainer.envs.reset(seed=0)[0]
+        obs = trainer.reset_envs(seed=0)  # starts the workers
         obs = trainer.vector_step(obs)
         assert trainer.counters.updates == 0  # the buffer was empty during the first step
         trainer.vector_step(obs)

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec
 from racer_vec.learner import devices, networks, replay
 from racer_vec.config import ACTION_DIM, AgentConfig, ConfigError
 from racer_vec.learner.distributional import categorical_l2_project, cvar
+from racer_vec.learner.schedules import SpeedBounds, effective_limit
 
 LIMIT_MIN = 1e-3
 """Lower end of the learned limit h, which must stay in (0, 1]."""
@@ -170,26 +171,27 @@ def _init_agent(cfg: AgentConfig, obs_dim: int, key_data) -> RacerAgent:
 
 
 @jax.jit
-def sample_actions(agent: RacerAgent, observations, key) -> jax.Array:
-    """Stochastic actions (N, 2) within the learned limit, for observations (N, obs_dim)."""
+def sample_actions(agent: RacerAgent, observations, key, bounds: SpeedBounds = SpeedBounds()) -> jax.Array:
+    """Stochastic actions (N, 2) within the learned limit and the schedules' `bounds`, for observations (N, obs_dim)."""
     mean, log_std = networks.actor_apply(agent.actor_params(), observations)
     noise = jax.random.normal(key, mean.shape, mean.dtype)
-    return networks.sample_policy(mean, log_std, agent.limit.params, noise, agent.speed_cap)[0]
+    limit = effective_limit(agent.limit.params, bounds)
+    return networks.sample_policy(mean, log_std, limit, noise, agent.speed_cap, bounds.floor)[0]
 
 
 @jax.jit
-def deterministic_actions(agent: RacerAgent, observations) -> jax.Array:
+def deterministic_actions(agent: RacerAgent, observations, bounds: SpeedBounds = SpeedBounds()) -> jax.Array:
     """Evaluation actions: tanh(mean) mapped onto the limited range."""
     mean, _ = networks.actor_apply(agent.actor_params(), observations)
-    return networks.squash(mean, agent.limit.params, agent.speed_cap)
+    return networks.squash(mean, effective_limit(agent.limit.params, bounds), agent.speed_cap, bounds.floor)
 
 
 @jax.jit
-def release_actions(agent: RacerAgent, observations) -> jax.Array:
+def release_actions(agent: RacerAgent, observations, bounds: SpeedBounds = SpeedBounds()) -> jax.Array:
     """The release's evaluation actions: the Gaussian's mean clipped to the action box, no tanh
     (design §11); a learned limit still bounds them."""
     mean, _ = networks.actor_apply(agent.actor_params(), observations)
-    low, high = networks.action_box(agent.limit.params, agent.speed_cap)
+    low, high = networks.action_box(effective_limit(agent.limit.params, bounds), agent.speed_cap, bounds.floor)
     return jnp.clip(mean, low, high)
 
 
@@ -275,8 +277,9 @@ def critic_target(setup: Setup, layout, alpha, target_params, batch, next_action
     return categorical_l2_project(target_atoms, next_probs, atoms)  # (num_qs, B, K)
 
 
-def critic_steps(setup: Setup, agent: RacerAgent, batches, noise, alpha, lagrange):
-    """The U critic minibatches, scanned; returns (critic, target_critic, per-minibatch info (U,))."""
+def critic_steps(setup: Setup, agent: RacerAgent, batches, noise, alpha, lagrange, bounds: SpeedBounds):
+    """The U critic minibatches, scanned; returns (critic, target_critic, per-minibatch info (U,)).
+    The next actions take the floor but not the ramp: the learned cap alone, as in RACER's code (design §4.3)."""
     # The actor is fixed during the critic steps, so its actions at s' (targets) and at s (OOD)
     # for all U minibatches come from one tall forward pass: (2, U, B, A).
     with jax.named_scope("actor_tall_pass"):
@@ -284,7 +287,7 @@ def critic_steps(setup: Setup, agent: RacerAgent, batches, noise, alpha, lagrang
             agent.actor_params(), jnp.stack([batches.next_observations, batches.observations])
         )
     next_actions, next_log_probs, _ = networks.sample_policy(
-        mean[0], log_std[0], agent.limit.params, noise[0], agent.speed_cap
+        mean[0], log_std[0], agent.limit.params, noise[0], agent.speed_cap, bounds.floor
     )
     ood_actions = mean[1] + jnp.exp(log_std[1]) * noise[1]  # the unsquashed Gaussian
     (critic, target_critic), info = jax.lax.scan(
@@ -301,14 +304,15 @@ def policy_objective(setup: Setup, alpha, risk, log_probs, mixture):
 
 
 @jax.named_call
-def policy_step(setup: Setup, agent: RacerAgent, critic_params, obs, noise, alpha):
+def policy_step(setup: Setup, agent: RacerAgent, critic_params, obs, noise, alpha, bounds: SpeedBounds = SpeedBounds()):
     """Actor and limit (design §4.5, §4.6) on the updated critic's mixture; returns (actor, limit,
     info with the losses, the log-probabilities (B,), the CVaRs (B,) and the mixture (B, K))."""
     cfg, shards, opt = setup.cfg, setup.shards, setup.opt
 
     def policy(actor_params, limit):
         mean, log_std = networks.actor_apply(actor_params, obs)
-        actions, log_probs, _ = networks.sample_policy(mean, log_std, limit, noise, agent.speed_cap)
+        actions, log_probs, _ = networks.sample_policy(mean, log_std, effective_limit(limit, bounds), noise,
+                                                       agent.speed_cap, bounds.floor)  # fmt: skip
         mixture = jnp.mean(jax.nn.softmax(ensemble(agent.critic_layout, critic_params, obs, actions)), axis=0)
         return log_probs, mixture
 
@@ -334,9 +338,13 @@ def policy_step(setup: Setup, agent: RacerAgent, critic_params, obs, noise, alph
         if agent.speed_cap:
             # A speed cap answers to the critic's CVaR alone (design §4.6): the entropy bonus of a
             # wider box, alpha * d(mean log pi)/dh = -alpha / h (log pi holds -log h, nothing else of
-            # h), would raise the cap by itself. Taken out exactly, without a second backward pass.
+            # h), would raise the cap by itself. Taken out exactly, without a second backward pass; where
+            # the ramp binds, log pi holds nothing of h. (A floor never meets a learned cap: config.py.)
             limit_loss = limit_loss - alpha * jnp.mean(log_probs)
-            limit_grad = limit_grad + alpha / agent.limit.params
+            entropy_grad = alpha / agent.limit.params
+            if bounds.ramp is not None:
+                entropy_grad = jnp.where(agent.limit.params <= bounds.ramp, entropy_grad, 0.0)
+            limit_grad = limit_grad + entropy_grad
         limit = apply_step(opt.limit, limit, shards.pmean(limit_grad))
         limit = limit.replace(params=jnp.clip(limit.params, LIMIT_MIN, 1.0))
     info = {"actor_loss": actor_loss, "limit_loss": limit_loss, "log_probs": log_probs, "cvars": cvars,
@@ -390,16 +398,17 @@ def update_metrics(setup: Setup, critic_info, policy_info, entropy, temperature_
     }
 
 
-def agent_update(setup: Setup, agent: RacerAgent, buffer: replay.ReplayBuffer):
+def agent_update(setup: Setup, agent: RacerAgent, buffer: replay.ReplayBuffer, bounds: SpeedBounds):
     """One agent update (design §4.7): U critic minibatches, then the actor, limit, temperature
-    and lagrange steps. Returns (agent, metrics)."""
+    and lagrange steps, within the schedules' `bounds`. Returns (agent, metrics)."""
     key = jax.random.wrap_key_data(agent.key, impl=RNG_IMPL)
     key, k_batch, k_noise = jax.random.split(key, 3)
     alpha, lagrange = jnp.exp(agent.temperature.params), jnp.exp(agent.lagrange.params)
 
     batches, noise, actor_noise = draw_minibatches(setup, buffer, k_batch, k_noise)
-    critic, target_critic, critic_info = critic_steps(setup, agent, batches, noise, alpha, lagrange)
-    actor, limit, policy_info = policy_step(setup, agent, critic.params, batches.observations[-1], actor_noise, alpha)
+    critic, target_critic, critic_info = critic_steps(setup, agent, batches, noise, alpha, lagrange, bounds)
+    actor, limit, policy_info = policy_step(setup, agent, critic.params, batches.observations[-1], actor_noise, alpha,
+                                            bounds)  # fmt: skip
     entropy = setup.shards.pmean(-jnp.mean(policy_info["log_probs"]))
     temperature, temperature_loss = temperature_step(setup, agent.temperature, entropy)
     entropy_gap = critic_info["entropy_data"][-1] - critic_info["entropy_ood"][-1]
@@ -431,12 +440,13 @@ def params_finite(agent: RacerAgent):
     return jnp.isfinite(square_sum)
 
 
-def iteration(setup: Setup, updates_per_iteration: int, agent: RacerAgent, buffer: replay.ReplayBuffer):
-    """`updates_per_iteration` agent updates in a lax.scan: one training iteration."""
+def iteration(setup: Setup, updates_per_iteration: int, agent: RacerAgent, buffer: replay.ReplayBuffer,
+              bounds: SpeedBounds = SpeedBounds()):  # fmt: skip
+    """`updates_per_iteration` agent updates in a lax.scan, within the schedules' `bounds`: one training iteration."""
 
     def step(carry, _):
         agent, _, finite = carry
-        agent, metrics = agent_update(setup, agent, buffer)
+        agent, metrics = agent_update(setup, agent, buffer, bounds)
         return (agent, metrics, finite & metrics["finite"]), None
 
     # The carry keeps the last update's metrics: no stacking and reducing of every metric.
@@ -450,13 +460,13 @@ def iteration(setup: Setup, updates_per_iteration: int, agent: RacerAgent, buffe
 
 @dataclasses.dataclass(frozen=True)
 class Learner:
-    """`iteration(agent, buffer) -> (agent, metrics)`: one jitted dispatch running
+    """`iteration(agent, buffer[, bounds]) -> (agent, metrics)`: one jitted dispatch running
     `updates_per_iteration` agent updates; donates the agent."""
 
-    iteration: Callable[[RacerAgent, replay.ReplayBuffer], tuple[RacerAgent, dict]]
-    sample_actions: Callable[[RacerAgent, Any, jax.Array], jax.Array]
-    deterministic_actions: Callable[[RacerAgent, Any], jax.Array]
-    release_actions: Callable[[RacerAgent, Any], jax.Array]
+    iteration: Callable[..., tuple[RacerAgent, dict]]
+    sample_actions: Callable[..., jax.Array]
+    deterministic_actions: Callable[..., jax.Array]
+    release_actions: Callable[..., jax.Array]
     num_devices: int
 
 
@@ -483,7 +493,7 @@ def make_learner(cfg: AgentConfig, *, batch_size: int, utd_ratio: int, updates_p
         train_iteration = jax.shard_map(
             train_iteration,
             mesh=devices.data_mesh(),
-            in_specs=(PartitionSpec(), PartitionSpec()),
+            in_specs=PartitionSpec(),  # every argument replicated, the schedules' bounds given or not
             out_specs=(PartitionSpec(), PartitionSpec()),
             check_vma=False,
         )

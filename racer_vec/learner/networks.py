@@ -250,31 +250,36 @@ def actor_apply(params: Params, obs):
     return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
 
 
-def action_scale(limit, speed_cap: bool = False):
+def action_scale(limit, speed_cap: bool = False, floor=None):
     """Half-widths of the action box: the limit h on the limited action (steering, or the target speed
-    under a speed cap), 1 on the other."""
-    return jnp.ones((ACTION_DIM,), jnp.float32).at[SPEED if speed_cap else STEERING].set(limit)
+    under a speed cap), 1 on the other; a floor φ on the target speed takes φ off its half-width."""
+    scale = jnp.ones((ACTION_DIM,), jnp.float32).at[SPEED if speed_cap else STEERING].set(limit)
+    return scale if floor is None else scale.at[SPEED].add(-floor)
 
 
-def _cap_centre(limit):
-    # a speed cap keeps the env's low end: its box [-1, 2h - 1] is centred at h - 1 (design §4.1)
-    return jnp.zeros((ACTION_DIM,), jnp.float32).at[SPEED].set(limit - 1.0)
+def _cap_centre(limit, speed_cap: bool, floor):
+    # a speed cap keeps the env's low end: its box [-1, 2h - 1] is centred at h - 1; a floor φ raises
+    # the low end to 2φ - 1, and the centre by φ (design §4.1)
+    centre = jnp.zeros((ACTION_DIM,), jnp.float32)
+    centre = centre.at[SPEED].set(limit - 1.0) if speed_cap else centre
+    return centre if floor is None else centre.at[SPEED].add(floor)
 
 
-def action_box(limit, speed_cap: bool = False):
-    """(low, high) of the action box: steering in [-h, h], or the target speed in [-1, 2h - 1]."""
-    scale = action_scale(limit, speed_cap)
-    centre = _cap_centre(limit) if speed_cap else 0.0
+def action_box(limit, speed_cap: bool = False, floor=None):
+    """(low, high) of the action box: steering in [-h, h], or the target speed in [-1, 2h - 1]; a floor
+    φ raises the target speed's low end to 2φ - 1."""
+    scale = action_scale(limit, speed_cap, floor)
+    centre = _cap_centre(limit, speed_cap, floor) if speed_cap or floor is not None else 0.0
     return centre - scale, centre + scale
 
 
-def squash(u, limit, speed_cap: bool = False):
-    """a = centre + scale * tanh(u): the env's [-1, 1] box intersected with the learned limit's."""
-    actions = action_scale(limit, speed_cap) * jnp.tanh(u)
-    return actions + _cap_centre(limit) if speed_cap else actions
+def squash(u, limit, speed_cap: bool = False, floor=None):
+    """a = centre + scale * tanh(u): the env's [-1, 1] box intersected with the learned limit's (and the floor's)."""
+    actions = action_scale(limit, speed_cap, floor) * jnp.tanh(u)
+    return actions + _cap_centre(limit, speed_cap, floor) if speed_cap or floor is not None else actions
 
 
-def squashed_log_prob(noise, u, log_std, limit, speed_cap: bool = False):
+def squashed_log_prob(noise, u, log_std, limit, speed_cap: bool = False, floor=None):
     """log pi(a) for a = centre + scale * tanh(u), u = mean + exp(log_std) * noise, summed over action dims.
 
     Change of variables: log N(u) - sum log(1 - tanh(u)^2) - sum log(scale) (the centre shifts without
@@ -282,13 +287,13 @@ def squashed_log_prob(noise, u, log_std, limit, speed_cap: bool = False):
     """
     gaussian = -0.5 * jnp.square(noise) - log_std - 0.5 * math.log(2.0 * math.pi)
     log_tanh_jacobian = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
-    return jnp.sum(gaussian - log_tanh_jacobian - jnp.log(action_scale(limit, speed_cap)), axis=-1)
+    return jnp.sum(gaussian - log_tanh_jacobian - jnp.log(action_scale(limit, speed_cap, floor)), axis=-1)
 
 
-def sample_policy(mean, log_std, limit, noise, speed_cap: bool = False):
+def sample_policy(mean, log_std, limit, noise, speed_cap: bool = False, floor=None):
     """Reparameterized squashed sample: returns (actions, log_probs, pre-squash u)."""
     u = mean + jnp.exp(log_std) * noise
-    return squash(u, limit, speed_cap), squashed_log_prob(noise, u, log_std, limit, speed_cap), u
+    return squash(u, limit, speed_cap, floor), squashed_log_prob(noise, u, log_std, limit, speed_cap, floor), u
 
 
 # ---------------------------------------------------------------------------------------------

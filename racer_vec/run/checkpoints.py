@@ -22,7 +22,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 from racer_vec.config import ConfigError
 from racer_vec.run import checkpoint_files
 from racer_vec.run.checkpoint_files import ITEMS, DamagedCheckpoint, first_intact, first_line, verify
-from racer_vec.run.write_failures import WriteFailed, os_error_code, os_error_reason
+from racer_vec.write_failures import WriteFailed, os_error_code, os_error_reason
 
 # orbax logs every save at INFO through absl; a training run's output is its own progress.
 logging.getLogger("absl").setLevel(logging.WARNING)

@@ -16,7 +16,7 @@ import numpy as np
 
 import configs
 from racer_vec.config import (
-    ACTION_DIM, ConfigError, EnvConfig, RewardParams, TrainConfig, check_finite, resolve, to_dict,
+    ACTION_DIM, WORKER_TIMEOUT_S, ConfigError, EnvConfig, RewardParams, TrainConfig, resolve, to_dict,
 )  # fmt: skip
 from racer_vec.run.checkpoint_files import (
     EVALUATION_ITEMS, DamagedCheckpoint, damage_warning, locate, newest_intact, saved_config, verify,
@@ -24,15 +24,21 @@ from racer_vec.run.checkpoint_files import (
 from racer_vec.run.evaluation import (
     METRICS_FILE, EpisodeRecord, EvaluationInterrupted, Evaluator, Filming, Policy, format_summary, summarize,
 )  # fmt: skip
+from racer_vec.run.provenance import machine_info, source_commit
 from racer_vec.run.signals import stop_signals
-from racer_vec.run.write_failures import WriteFailed, check_output_dir, write_atomically
 from racer_vec.sim import highway
 from racer_vec.sim.video import VideoRecorder
+from racer_vec.validation import check_finite
+from racer_vec.write_failures import WriteFailed, check_output_dir, write_atomically
 
 PresetName = Literal[tuple(configs.PRESETS)]  # type: ignore[valid-type]
 DEFAULT_EPISODES = 20
 RELEASE_EPISODES = 10
 """The release's evaluation script runs 10 episodes by default (design §11)."""
+ACTION_FIELDS = ("target_speed_action", "target_speed_range", "speed_control_gain", "lane_target_action")
+"""The env fields that say what an agent's actions mean (design §3): it keeps them on another preset's env."""
+IDM_TARGET_SPEED = 40.0
+"""The `idm` baseline's target speed unless --idm-target-speed (m/s)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +48,18 @@ class EvalArgs:
     checkpoint: str | None = None
     """A run directory, its checkpoints/ directory, or one step's directory (else the latest step).
     The agent and the env are rebuilt from the checkpoint's own saved config."""
-    policy: Literal["agent", "zero", "constant", "random"] = "agent"
+    policy: Literal["agent", "zero", "constant", "random", "idm"] = "agent"
     """`agent`: the checkpoint's actor. Baselines: `zero`, `constant` (--constant-action), `random`
-    (uniform); they need --preset, or a --checkpoint whose env they then use."""
+    (uniform), `idm` (highway-env's IDM + MOBIL driver drives the ego: the textbook driver); they need
+    --preset, or (all but `idm`) a --checkpoint whose env they then use."""
     preset: PresetName | None = None
     """The preset whose env a baseline policy runs on; with a checkpoint, run its agent on that preset's
     env instead of its own (a PointNet agent runs on any number of observed vehicles)."""
     constant_action: tuple[float, float] = (0.5, 0.0)
     """The `constant` baseline's action: acceleration, steering, in [-1, 1]."""
+    idm_target_speed: float | None = None
+    """The `idm` baseline's target speed (m/s; default 40). highway-env caps it at the lane's speed
+    limit, 30 m/s on the highway envs' roads."""
     num_episodes: int | None = None
     """Episodes; default: 20, or 10 with --protocol release (the release script's default)."""
     num_workers: int = 4
@@ -74,6 +84,13 @@ class EvalArgs:
     """Where evaluation_metrics.json and the videos go; default: <run>/eval/<step>, or eval/<policy>_<preset>."""
     duration: int | None = None
     """Override the env's episode duration (s), e.g. for a quick look; default: the config's."""
+    worker_timeout: float = WORKER_TIMEOUT_S
+    """Seconds an env worker may take to answer a step or reset before it counts as hung, a fault like
+    a death (design §10); train.py's default too."""
+    max_worker_restarts: int = 3
+    """Env worker faults (a raise, a death, a hang) the evaluation survives: each starts new workers and
+    runs the lost episodes again from their own seeds, with the same results (design §10). One more
+    ends it, exit 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +117,17 @@ def episodes_of(args: EvalArgs) -> int:
     return RELEASE_EPISODES if args.protocol == "release" else DEFAULT_EPISODES
 
 
+def idm_speed(args: EvalArgs) -> float | None:
+    """The `idm` baseline's target speed; None for every other policy."""
+    if args.policy != "idm":
+        return None
+    return IDM_TARGET_SPEED if args.idm_target_speed is None else args.idm_target_speed
+
+
 def action_rule(args: EvalArgs) -> str:
     """How the evaluated policy acts, as results files and tables name it."""
+    if args.policy == "idm":
+        return f"idm, {idm_speed(args):g} m/s target"
     if args.policy != "agent":
         return args.policy
     rule = "clip(mean)" if args.protocol == "release" else "tanh(mean)" if args.deterministic else "sampled"
@@ -109,17 +135,26 @@ def action_rule(args: EvalArgs) -> str:
 
 
 def validate_args(args: EvalArgs) -> None:
-    for flag, value in (("--num-episodes", episodes_of(args)), ("--num-workers", args.num_workers)):
+    for flag, value in (("--num-episodes", episodes_of(args)), ("--num-workers", args.num_workers),
+                        ("--worker-timeout", args.worker_timeout)):  # fmt: skip
         if value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
     check_finite(args)
-    for flag, value in (("--max-videos", args.max_videos), ("--seed", args.seed)):
+    for flag, value in (("--max-videos", args.max_videos), ("--seed", args.seed),
+                        ("--max-worker-restarts", args.max_worker_restarts)):  # fmt: skip
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
     if not all(-1.0 <= a <= 1.0 for a in args.constant_action):
         raise ConfigError(f"--constant-action must be in [-1, 1], got {args.constant_action}")
+    if args.idm_target_speed is not None:
+        if args.policy != "idm":
+            raise ConfigError(f"--idm-target-speed applies to --policy idm, not to --policy {args.policy}")
+        if not args.idm_target_speed > 0:
+            raise ConfigError(f"--idm-target-speed must be positive, got {args.idm_target_speed:g}")
+    if args.policy == "idm" and args.checkpoint is not None:
+        raise ConfigError("--policy idm drives highway-env's own IDM driver: give --preset NAME, not --checkpoint")
     if args.policy == "agent":
         if args.checkpoint is None:
             raise ConfigError("--checkpoint is required to evaluate an agent (or choose a baseline with --policy)")
@@ -139,7 +174,8 @@ def resolve_target(args: EvalArgs) -> Target:
     """The config and names of what `args` evaluates; ConfigError for a bad checkpoint path."""
     if args.checkpoint is None:
         cfg = configs.PRESETS[args.preset]
-        label = f"{args.policy}_{args.preset}"
+        speed = idm_speed(args)
+        label = f"{args.policy}{'' if speed is None else f'{speed:g}'}_{args.preset}"
         target = Target(resolve(cfg), label, Path("eval") / label)
     else:
         path = Path(args.checkpoint)
@@ -169,6 +205,7 @@ def resolve_target(args: EvalArgs) -> Target:
         env = None
         if args.preset is not None:
             env = configs.PRESETS[args.preset].env
+            env = dataclasses.replace(env, **{name: getattr(cfg.env, name) for name in ACTION_FIELDS})
             suffix += f"_on_{args.preset}"
             if cfg.agent.encoder != "pointnet" and env.observed_vehicles != cfg.env.observed_vehicles:
                 raise ConfigError(
@@ -209,7 +246,7 @@ def holding_speed(policy: Policy, speed: float, env_cfg: EnvConfig) -> Policy:
 
 def build_policy(args: EvalArgs, target: Target) -> Policy:
     """The action function of the evaluated policy (loads and checks the checkpoint for `agent`)."""
-    if args.policy == "zero":
+    if args.policy in ("zero", "idm"):  # idm: the env layer's driver ignores the actions
         return lambda obs, ids, steps: np.zeros((obs.shape[0], ACTION_DIM), np.float32)
     if args.policy == "constant":
         action = np.asarray(args.constant_action, np.float32)
@@ -231,18 +268,22 @@ def build_policy(args: EvalArgs, target: Target) -> Policy:
         )
         return lambda obs, ids, steps: np.asarray(uniform(ids, steps))
 
+    from racer_vec.learner.schedules import speed_bounds
+
     agent, learner = _restore_agent(target)
+    # the ramp on a learned cap at the checkpoint's step, as RACER's evaluation acts; no floor (design §4.1)
+    bounds = speed_bounds(target.cfg, target.step, floor=False)
     if args.protocol == "release":
-        return lambda obs, ids, steps: np.asarray(learner.release_actions(agent, obs))
+        return lambda obs, ids, steps: np.asarray(learner.release_actions(agent, obs, bounds))
     if args.deterministic:
-        return lambda obs, ids, steps: np.asarray(learner.deterministic_actions(agent, obs))
+        return lambda obs, ids, steps: np.asarray(learner.deterministic_actions(agent, obs, bounds))
 
     @jax.jit
-    def sample(agent, obs, ids, steps):
-        one = lambda o, key: learner.sample_actions(agent, o[None], key)[0]  # noqa: E731
+    def sample(agent, obs, ids, steps, bounds):
+        one = lambda o, key: learner.sample_actions(agent, o[None], key, bounds)[0]  # noqa: E731
         return jax.vmap(one)(obs, row_keys(ids, steps))
 
-    return lambda obs, ids, steps: np.asarray(sample(agent, obs, ids, steps))
+    return lambda obs, ids, steps: np.asarray(sample(agent, obs, ids, steps, bounds))
 
 
 def _restore_agent(target: Target):
@@ -295,6 +336,7 @@ def run_evaluation(args: EvalArgs) -> int:
     check_output_dir("--output-dir" if args.output_dir is not None else "the default --output-dir", target.output_dir)
     env_cfg = target.env_cfg
     highway.check_env(env_cfg)  # the env config (unknown keys or id) is checked before anything else starts
+    commit = source_commit()  # git runs before JAX starts (JAX warns about a fork after it)
     policy = build_policy(args, target)
     if args.hold_speed is not None:
         policy = holding_speed(policy, args.hold_speed, env_cfg)
@@ -302,10 +344,19 @@ def run_evaluation(args: EvalArgs) -> int:
     num_filmed = min(args.max_videos, num_episodes) if args.render else 0
     recorder = VideoRecorder(target.output_dir, target.label, fps=env_cfg.policy_frequency) if num_filmed else None
     num_workers = min(args.num_workers, num_episodes)
-    evaluator = Evaluator(env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0)
     interrupted = []
+    evaluator = Evaluator(
+        env_cfg, RewardParams.build(target.cfg.reward, env_cfg), num_workers, render=num_filmed > 0,
+        idm_ego_speed=idm_speed(args), worker_timeout=args.worker_timeout, should_stop=lambda: bool(interrupted),
+    )  # fmt: skip
+
+    def restarted(fault: highway.WorkerFault, lost: list[int], restart: int) -> None:
+        print(f"{fault.describe()}; new env workers run episode(s) {', '.join(map(str, lost))} again "
+              f"(restart {restart} of at most {args.max_worker_restarts})", file=sys.stderr, flush=True)  # fmt: skip
+
     try:
-        # Ctrl-C (and SIGTERM, design §10) stops between vector steps (the workers ignore SIGINT, design §8)
+        # Ctrl-C (and SIGTERM, design §10) stops between vector steps or while the driver waits for its
+        # workers (the workers ignore SIGINT, design §8)
         with stop_signals(lambda signum, frame: interrupted.append(signum)), _progress() as progress:
             task = progress.add_task("evaluate", total=num_episodes)
             episodes = evaluator.run(
@@ -314,11 +365,14 @@ def run_evaluation(args: EvalArgs) -> int:
                 args.seed,
                 filming=None if recorder is None else Filming(recorder, num_filmed),
                 on_episode=lambda record: progress.advance(task),
-                should_stop=lambda: bool(interrupted),
+                max_restarts=args.max_worker_restarts,
+                on_restart=restarted,
             )
     except highway.WorkerFault as fault:
         if not interrupted:  # else a SIGTERM to the process group stopped the workers too
-            print(f"error: {fault.describe()}; evaluation_metrics.json not written", file=sys.stderr)
+            restarts = args.max_worker_restarts
+            print(f"error: {fault.describe()} after {restarts} worker restarts (--max-worker-restarts {restarts}); "
+                  "evaluation_metrics.json not written", file=sys.stderr)  # fmt: skip
             return 1
         print("\ninterrupted: evaluation_metrics.json not written", file=sys.stderr)
         return 130
@@ -334,7 +388,8 @@ def run_evaluation(args: EvalArgs) -> int:
         evaluator.close()
     videos = recorder.written if recorder is not None else {}
     try:
-        summary = write_metrics(args, target, episodes, videos, num_workers)
+        provenance = {**commit, "machine": machine_info()}
+        summary = write_metrics(args, target, episodes, videos, num_workers, provenance)
     except WriteFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -345,9 +400,11 @@ def run_evaluation(args: EvalArgs) -> int:
     return 0
 
 
-def write_metrics(args: EvalArgs, target: Target, episodes: list[EpisodeRecord], videos: dict, num_workers: int):
-    """Write evaluation_metrics.json (the summary, every episode with its video, the evaluation's settings);
-    returns the summary."""
+def write_metrics(
+    args: EvalArgs, target: Target, episodes: list[EpisodeRecord], videos: dict, num_workers: int, provenance: dict
+):
+    """Write evaluation_metrics.json (the summary, every episode with its video, the evaluation's settings
+    and `provenance`, the commit and machine); returns the summary."""
     summary = {
         **summarize(episodes, release=args.protocol == "release"),
         "protocol": args.protocol,
@@ -359,7 +416,12 @@ def write_metrics(args: EvalArgs, target: Target, episodes: list[EpisodeRecord],
         "summary": summary,
         "episodes": [{**e.to_json(), "video": str(videos[e.episode]) if e.episode in videos else None} for e in episodes],
         "config": {
-            "evaluation": {**dataclasses.asdict(args), "num_episodes": len(episodes), "num_workers_used": num_workers},
+            "evaluation": {
+                **dataclasses.asdict(args), "idm_target_speed": idm_speed(args), "num_episodes": len(episodes),
+                "num_workers_used": num_workers, "label": target.label,
+            },  # fmt: skip
+            # where the numbers came from (a baseline's results file has no run to say it)
+            "provenance": provenance,
             "checkpoint": checkpoint,
             "train": to_dict(target.cfg),
             # the env the episodes ran on: the config's, or --preset's, with --duration applied

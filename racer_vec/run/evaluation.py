@@ -12,13 +12,14 @@ No JAX here: the policy is a function handed in by the caller.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Callable
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from racer_vec.config import KINEMATICS_FEATURES, EnvConfig, RewardParams
+from racer_vec.config import KINEMATICS_FEATURES, WORKER_TIMEOUT_S, EnvConfig, RewardParams
 from racer_vec.sim import highway
 from racer_vec.sim.rewards import training_reward
 from racer_vec.sim.video import FrameStats, VideoRecorder
@@ -34,7 +35,7 @@ RULE = "=" * 50
 
 
 class EvaluationInterrupted(Exception):
-    """`should_stop` asked to stop; raised between vector steps, so the workers close cleanly."""
+    """`should_stop` asked to stop: between vector steps, or while the driver waited for its workers."""
 
 
 # policy(obs[EVAL_BATCH, obs_dim], episode_ids[EVAL_BATCH], steps[EVAL_BATCH]) -> actions[EVAL_BATCH, 2]
@@ -66,6 +67,12 @@ class EpisodeRecord:
     term, and -5 on every step off highway-env's road."""
     release_speed: float
     """The release's speed (design §11): mean over steps of |(vx, vy)| of the ego's observation before the step."""
+    lane_changes: int
+    """Steps on which the ego's lane changed (design §3's driving diagnostics)."""
+    overtakes: int
+    """Vehicles the ego passed minus vehicles that passed it."""
+    distance: float
+    """The ego's progress along the road (m)."""
 
     def to_json(self) -> dict:
         return {("return" if k == "episode_return" else k): v for k, v in dataclasses.asdict(self).items()}
@@ -92,6 +99,9 @@ def summarize(episodes: list[EpisodeRecord], release: bool = False) -> dict:
         "mean_ego_speed": float(np.mean([e.release_speed if release else e.ego_speed for e in episodes])),
         "mean_training_return": float(np.mean([e.training_return for e in episodes])),
         "offroad_episode_rate": float(offroad.mean()),
+        "mean_lane_changes": float(np.mean([e.lane_changes for e in episodes])),
+        "mean_overtakes": float(np.mean([e.overtakes for e in episodes])),
+        "mean_distance": float(np.mean([e.distance for e in episodes])),
     }
 
 
@@ -112,6 +122,10 @@ def format_summary(summary: dict) -> str:
             f"Mean Min Distance: {'n/a' if distance is None else f'{distance:.2f}m'}",
             f"Mean Ego Speed: {summary['mean_ego_speed']:.1f} m/s",
         ]
+        + ([f"Mean Lane Changes: {summary['mean_lane_changes']:.1f}",
+            f"Mean Overtakes: {summary['mean_overtakes']:.1f}",
+            f"Mean Distance: {summary['mean_distance']:.0f} m"]
+           if "mean_lane_changes" in summary else [])  # summaries written before the diagnostics
         + ([f"Protocol: {summary['protocol']}, actions {summary['action_rule']}, {summary['env_id']}"]
            if "protocol" in summary else [])  # fmt: skip
     )
@@ -130,6 +144,9 @@ class EpisodeAccumulator:
         self.release_return = np.zeros(num_envs)
         self.observed_speed_sum = np.zeros(num_envs)
         self.length = np.zeros(num_envs, dtype=np.int64)
+        self.lane_changes = np.zeros(num_envs, dtype=np.int64)
+        self.overtakes = np.zeros(num_envs, dtype=np.int64)
+        self.distance = np.zeros(num_envs)
 
     def reset(self, mask: np.ndarray) -> None:
         for array in vars(self).values():
@@ -149,6 +166,9 @@ class EpisodeAccumulator:
         self.distance_steps += near
         self.speed_sum += values["forward_speed"]
         self.length += 1
+        self.lane_changes += values["lane_change"]
+        self.overtakes += values["overtakes"]
+        self.distance += values["distance"]
 
     def record(self, i: int, episode: int, seed: int, crashed: bool, offroad_terminated: bool) -> EpisodeRecord:
         length = int(self.length[i])
@@ -166,6 +186,9 @@ class EpisodeAccumulator:
             ego_speed=float(self.speed_sum[i] / length),
             release_return=float(self.release_return[i]),
             release_speed=float(self.observed_speed_sum[i] / length),
+            lane_changes=int(self.lane_changes[i]),
+            overtakes=int(self.overtakes[i]),
+            distance=float(self.distance[i]),
         )
 
 
@@ -198,7 +221,7 @@ def padded_actions(policy: Policy, obs: np.ndarray, episode_ids: np.ndarray, ste
 
 class Episodes:
     """The episodes of one Evaluator.run: which env runs which (-1: idle), their observations and
-    running sums, and the finished ones' records."""
+    running sums, the episodes still to start, and the finished ones' records."""
 
     def __init__(self, num_envs: int, obs_shape: tuple[int, ...], num_episodes: int, seed: int):
         self.ids = np.full(num_envs, -1)
@@ -206,7 +229,7 @@ class Episodes:
         self.acc = EpisodeAccumulator(num_envs)
         self.records: dict[int, EpisodeRecord] = {}
         self.num_episodes, self.seed = num_episodes, seed
-        self.next = 0
+        self.to_start = collections.deque(range(num_episodes))
 
     @property
     def running(self) -> np.ndarray:
@@ -215,12 +238,19 @@ class Episodes:
     def assign(self, free: np.ndarray) -> np.ndarray:
         """Free envs take the next episodes in env order (the rest idle until the end); returns the
         mask of the envs that start one."""
-        start = np.flatnonzero(free)[: self.num_episodes - self.next]
-        self.ids[start] = np.arange(self.next, self.next + start.size)
-        self.next += start.size
+        start = np.flatnonzero(free)[: len(self.to_start)]
+        self.ids[start] = [self.to_start.popleft() for _ in start]
         started = np.zeros(len(self.ids), dtype=bool)
         started[start] = True
         return started
+
+    def abandon(self) -> list[int]:
+        """The running episodes are lost (their workers are replaced): they start again first, from
+        their own seeds. Returns them."""
+        lost = sorted(int(k) for k in self.ids[self.running])
+        self.to_start.extendleft(reversed(lost))
+        self.ids[:] = -1
+        return lost
 
     def finish(self, done: np.ndarray, values: dict) -> list[EpisodeRecord]:
         """Record the episodes of the envs in `done`; their envs become free."""
@@ -246,6 +276,11 @@ class Filming:
 
     def filmed(self, ids: np.ndarray) -> np.ndarray:
         return (ids >= 0) & (ids < self.num_filmed)
+
+    def retake(self, episodes: list[int]) -> None:
+        """The videos of episodes that run again (their workers faulted) start again."""
+        for k in episodes:
+            self.recorder.discard(k)
 
     def first_frames(self, infos: dict, started: np.ndarray, ids: np.ndarray) -> None:
         """The reset frames of the episodes just started (mask `started`)."""
@@ -274,22 +309,46 @@ def _has_frame(infos: dict, n: int) -> np.ndarray:
 
 
 class Evaluator:
-    """Runs evaluation episodes on its own DISABLED-autoreset vector env, kept open between calls."""
+    """Runs evaluation episodes on its own DISABLED-autoreset vector env, started by the first run and
+    kept open between runs; a worker fault closes it, and the next run starts a new one.
 
-    def __init__(self, env_cfg: EnvConfig, reward_params: RewardParams, num_workers: int, *, render: bool = False):
+    `idm_ego_speed`: highway-env's IDM driver with that target speed drives (highway.make_env).
+    `worker_timeout` and `should_stop` bound every wait for the workers (highway.WatchedVectorEnv);
+    `should_stop` is also checked between vector steps."""
+
+    def __init__(
+        self,
+        env_cfg: EnvConfig,
+        reward_params: RewardParams,
+        num_workers: int,
+        *,
+        render: bool = False,
+        worker_timeout: float = WORKER_TIMEOUT_S,
+        should_stop: Callable[[], bool] = lambda: False,
+        idm_ego_speed: float | None = None,
+    ):
+        self.env_cfg = env_cfg
+        self.idm_ego_speed = idm_ego_speed
         self.reward_params = reward_params
         self.offroad_termination_reward = env_cfg.offroad_termination_reward
         self.num_workers = num_workers
         self.render = render
+        self.worker_timeout = worker_timeout
+        self.should_stop = should_stop
+        self.envs = None
+
+    def _start_workers(self) -> None:
         self.envs = highway.make_vector_env(
-            env_cfg,
-            num_workers,
+            self.env_cfg,
+            self.num_workers,
             seed=0,  # every episode is reset with its own seed
             autoreset_mode=AutoresetMode.DISABLED,
-            render_mode="rgb_array" if render else None,
+            render_mode="rgb_array" if self.render else None,
             wrapper=highway.EpisodeControl,
+            idm_ego_speed=self.idm_ego_speed,
+            worker_timeout=self.worker_timeout,
+            should_stop=self.should_stop,
         )
-        self.faulted = False
 
     def run(
         self,
@@ -299,42 +358,60 @@ class Evaluator:
         *,
         filming: Filming | None = None,
         on_episode: Callable[[EpisodeRecord], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
+        max_restarts: int = 0,
+        on_restart: Callable[[highway.WorkerFault, list[int], int], None] | None = None,
     ) -> list[EpisodeRecord]:
         """Episodes 0..num_episodes-1 with seeds seed + k; `filming` films the first few.
 
-        `should_stop` is checked between vector steps (never inside one, design §8): when it returns
-        True, EvaluationInterrupted is raised.
+        A worker fault (a raise, a death, a hang) closes the workers and raises highway.WorkerFault,
+        or, `max_restarts` times at most, starts new workers and runs the lost episodes again from
+        their own seeds, which gives the same numbers (design §10); `on_restart(fault, lost episodes,
+        restart number)` is told first. A stop (`should_stop`) raises EvaluationInterrupted.
         """
         if filming is not None and not self.render:
             raise ValueError("filming needs an Evaluator built with render=True")
-        episodes = Episodes(self.num_workers, self.envs.single_observation_space.shape, num_episodes, seed)
+        episodes = Episodes(self.num_workers, (self.env_cfg.obs_dim,), num_episodes, seed)
+        restarts = 0
+        while True:
+            try:
+                self._run(policy, episodes, filming, on_episode)
+                return episodes.in_order()
+            except highway.WaitStopped:
+                raise EvaluationInterrupted from None
+            except highway.WorkerFault as fault:
+                if fault.env_index is not None and episodes.ids[fault.env_index] >= 0:
+                    fault.episode = int(episodes.ids[fault.env_index])
+                self.close()
+                lost = episodes.abandon()
+                if restarts == max_restarts:
+                    raise
+                restarts += 1
+                if filming is not None:
+                    filming.retake(lost)
+                if on_restart is not None:
+                    on_restart(fault, lost, restarts)
+
+    def _run(self, policy: Policy, episodes: Episodes, filming: Filming | None, on_episode) -> None:
+        """Episodes until none is left to start or running, on the workers of this run (new ones after a
+        fault)."""
+        if self.envs is None:
+            self._start_workers()
         free = np.ones(self.num_workers, dtype=bool)
-        try:
-            while True:
-                started = episodes.assign(free)
-                if started.any():
-                    self._start_episodes(episodes, started, filming)
-                if not episodes.running.any():
-                    return episodes.in_order()
-                if should_stop is not None and should_stop():
-                    raise EvaluationInterrupted
-                free, finished = self._step(policy, episodes, filming)
-                for record in finished if on_episode is not None else ():
-                    on_episode(record)
-        except highway.WorkerFault as fault:
-            if fault.env_index is not None and episodes.ids[fault.env_index] >= 0:
-                fault.episode = int(episodes.ids[fault.env_index])
-            self.faulted = True
-            raise
-        except BaseException as exc:
-            # a failed or abandoned step leaves the workers in a state a plain close() hangs on
-            self.faulted = not isinstance(exc, EvaluationInterrupted)
-            raise
+        while True:
+            started = episodes.assign(free)
+            if started.any():
+                self._start_episodes(episodes, started, filming)
+            if not episodes.running.any():
+                return
+            if self.should_stop():
+                raise EvaluationInterrupted
+            free, finished = self._step(policy, episodes, filming)
+            for record in finished if on_episode is not None else ():
+                on_episode(record)
 
     def _start_episodes(self, episodes: Episodes, started: np.ndarray, filming: Filming | None) -> None:
         if filming is not None:
-            self.envs.set_attr("filming", filming.filmed(episodes.ids).tolist())
+            highway.vector_call(self.envs, self.envs.set_attr, "filming", filming.filmed(episodes.ids).tolist())
         # Python ints (a numpy int kills the worker); a fresh options dict (reset pops reset_mask)
         seeds = [int(episodes.seed + k) if s else None for k, s in zip(episodes.ids, started)]
         reset_obs, infos = highway.vector_call(self.envs, self.envs.reset, seed=seeds, options={"reset_mask": started})
@@ -361,20 +438,17 @@ class Evaluator:
             filming.recorder.finish(record.episode)
         return done, finished
 
-    def evaluate(
-        self,
-        policy_on_obs: Callable[[np.ndarray], np.ndarray],
-        num_episodes: int,
-        seed: int,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> dict:
+    def evaluate(self, policy_on_obs: Callable[[np.ndarray], np.ndarray], num_episodes: int, seed: int) -> dict:
         """Summary of deterministic episodes for periodic evaluation during training."""
-        episodes = self.run(lambda obs, _ids, _steps: policy_on_obs(obs), num_episodes, seed, should_stop=should_stop)
+        episodes = self.run(lambda obs, _ids, _steps: policy_on_obs(obs), num_episodes, seed)
         return summarize(episodes)
 
     def dead_workers(self) -> list[int]:
         """Workers that died since the last evaluation (found before the next one needs them)."""
-        return highway.dead_workers(self.envs)
+        return [] if self.envs is None else highway.dead_workers(self.envs)
 
     def close(self) -> None:
-        highway.close_vector_env(self.envs, faulted=self.faulted)
+        """Never blocks on a worker, a hung one included (design §8)."""
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from racer_vec.config import ConfigError
-from racer_vec.run.write_failures import os_error_reason, writing
+from racer_vec.write_failures import os_error_reason, writing
 
 
 def append_jsonl(path: Path, record: dict) -> None:

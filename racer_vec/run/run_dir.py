@@ -12,7 +12,7 @@ from racer_vec.config import TrainConfig, to_dict
 from racer_vec.run.jsonl import append_jsonl
 from racer_vec.run.provenance import machine_info, source_commit
 from racer_vec.run.run_lock import RunLock
-from racer_vec.run.write_failures import write_atomically
+from racer_vec.write_failures import write_atomically
 
 
 class RunDirectory:

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 
 from racer_vec.config import ConfigError
-from racer_vec.run.write_failures import os_error_reason
+from racer_vec.write_failures import os_error_reason
 
 LOCK_FILE = "run.lock"
 LOCK_FD_ENV = "RACER_VEC_RUN_LOCK_FD"

@@ -13,7 +13,8 @@ from pathlib import Path
 import tyro
 
 import configs
-from racer_vec.config import ConfigError, TrainConfig, flag_name, from_dict, resolve
+from racer_vec.config import ConfigError, TrainConfig, from_dict, resolve
+from racer_vec.validation import flag_name
 
 # Flags that may differ from the saved config when resuming (design §7).
 RESUME_MUTABLE = frozenset(
@@ -28,6 +29,7 @@ RESUME_MUTABLE = frozenset(
         "eval_episodes",
         "save_buffer",
         "max_worker_restarts",
+        "worker_timeout",
     }
 )
 

@@ -10,6 +10,7 @@ One iteration:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -22,98 +23,20 @@ from racer_vec.config import ACTION_DIM, ConfigError, RewardParams, TrainConfig,
 from racer_vec.learner.agent import init_agent, make_learner, reset_agent
 from racer_vec.learner.devices import replicated_sharding
 from racer_vec.learner.replay import init_buffer, insert
+from racer_vec.learner.schedules import schedule_metrics, speed_bounds, warmup_box
 from racer_vec.run.checkpoint_files import damage_warning
 from racer_vec.run.checkpoints import Checkpointer
+from racer_vec.run.counters import EMA_WEIGHT, Counters, EpisodeTracker, ema_over_sequence
 from racer_vec.run.evaluation import EvaluationInterrupted, Evaluator
 from racer_vec.run.progress import ProgressDisplay
 from racer_vec.run.run_dir import RunDirectory
 from racer_vec.run.signals import ignore_stop_signals, stop_signals
-from racer_vec.run.write_failures import WriteFailed
 from racer_vec.sim import highway
 from racer_vec.sim.rewards import training_reward
-
-EMA_WEIGHT = 0.01
-
+from racer_vec.write_failures import WriteFailed
 
 class TrainingStopped(Exception):
     """Training cannot go on (a worker fault or non-finite values); the message says why."""
-
-
-@dataclasses.dataclass
-class Counters:
-    """Host-side run state; saved as JSON with every checkpoint and continued on --resume."""
-
-    env_steps: int = 0
-    updates: int = 0
-    critic_updates: int = 0
-    episodes_total: int = 0
-    train_collisions_total: int = 0
-    offroad_terminations_total: int = 0
-    resets_total: int = 0
-    """Agent re-initializations by the reset schedule (design §11)."""
-    last_reset_step: int = 0
-    """Env step of the latest reset: a checkpoint at a reset step holds the agent before it."""
-    worker_restarts_total: int = 0
-    """Training vector envs replaced after a worker fault (design §10)."""
-    eval_worker_restarts_total: int = 0
-    """Periodic evaluators rebuilt after a worker fault."""
-    speed_ema: float | None = None
-    collision_ema: float | None = None
-    wall_time: float = 0.0
-    train_time: float = 0.0
-    """Wall time spent training, evaluation excluded (the denominator of SPS)."""
-    learning_starts: int = 0
-    """Env step from which updates run (start_training, or later after a resume without a buffer)."""
-    action_key: list[int] = dataclasses.field(default_factory=list)
-
-
-def ema_over_sequence(ema: float | None, values: np.ndarray, weight: float) -> float | None:
-    """The EMA after updating with `values` one by one, in order, without a Python loop."""
-    if values.size == 0:
-        return ema
-    if ema is None:
-        ema, values = float(values[0]), values[1:]
-    k = values.size
-    decay = (1.0 - weight) ** np.arange(k - 1, -1, -1)
-    return float((1.0 - weight) ** k * ema + weight * np.sum(decay * values))
-
-
-class EpisodeTracker:
-    """Running returns and lengths of the N current episodes, and the ones finished since the last log."""
-
-    def __init__(self, num_envs: int):
-        self.returns = np.zeros(num_envs)
-        self.training_returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-        self.finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def abandon(self) -> None:
-        """The running episodes end unfinished (their workers were replaced): they are not counted."""
-        self.returns[:] = 0.0
-        self.training_returns[:] = 0.0
-        self.lengths[:] = 0
-
-    def step(self, env_reward, train_reward, done) -> None:
-        self.returns += env_reward
-        self.training_returns += train_reward
-        self.lengths += 1
-        if done.any():
-            self.finished.append((self.returns[done], self.training_returns[done], self.lengths[done]))
-            self.returns[done] = 0.0
-            self.training_returns[done] = 0.0
-            self.lengths[done] = 0
-
-    def pop_means(self) -> dict:
-        if not self.finished:
-            return {}
-        returns, train_returns, lengths = (np.concatenate(parts) for parts in zip(*self.finished))
-        self.finished = []
-        return {
-            "episode_return_mean": float(returns.mean()),
-            "episode_training_return_mean": float(train_returns.mean()),
-            "episode_length_mean": float(lengths.mean()),
-            "episodes_in_interval": int(returns.size),
-        }
 
 
 def _crossed(before: int, after: int, interval: int) -> bool:
@@ -178,13 +101,13 @@ class Trainer:
         self.directory.open(self.counters.env_steps)
 
         self._sample = jax.jit(self._sample_actions)
-        self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=cfg.seed)
+        # the env workers start in the loop's first reset, where a worker fault is handled (design §10)
         if cfg.eval_interval > 0:
             self.evaluator = self._make_evaluator()
 
-    def _sample_actions(self, agent, obs, key):
+    def _sample_actions(self, agent, obs, key, bounds):
         key, sub = jax.random.split(key)
-        return self.learner.sample_actions(agent, obs, sub), key
+        return self.learner.sample_actions(agent, obs, sub, bounds), key
 
     def _restore(self) -> None:
         if self.checkpointer.latest_step() is None:
@@ -218,7 +141,8 @@ class Trainer:
         self.display = ProgressDisplay(total=self.cfg.max_steps, start=c.env_steps)
         try:
             with stop_signals(self._on_signal):
-                self._train_loop()
+                with contextlib.suppress(highway.WaitStopped):  # stopped mid-wait: that step is not stored (design §8)
+                    self._train_loop()
                 if self.last_logged_step != c.env_steps:
                     self._log()
                 self._checkpoint()
@@ -235,7 +159,7 @@ class Trainer:
     def _train_loop(self) -> None:
         """Vector steps until max_steps or a stop signal, the schedule's work between them."""
         cfg, c = self.cfg, self.counters
-        obs = self._reset_envs(seed=cfg.seed + c.env_steps)
+        obs = self.reset_envs(seed=cfg.seed + c.env_steps)
         tick = time.perf_counter()
         while c.env_steps < cfg.max_steps and not self.interrupted:
             if reset_due(cfg, c):
@@ -288,19 +212,22 @@ class Trainer:
     def vector_step(self, obs: np.ndarray) -> np.ndarray:
         """One vector step: act, learn while the workers simulate, store N transitions.
 
-        A worker fault raises highway.WorkerFault before anything of the step is stored.
+        A worker fault (a hang too) raises highway.WorkerFault, and a stop signal while the workers
+        have not answered highway.WaitStopped, before anything of the step is stored.
         """
         cfg, c = self.cfg, self.counters
+        bounds = speed_bounds(cfg, c.env_steps)  # the speed box's schedules now (design §4.1), traced
         if c.env_steps >= cfg.start_training:
-            actions, self.action_key = self._sample(self.agent, obs, self.action_key)
+            actions, self.action_key = self._sample(self.agent, obs, self.action_key, bounds)
             actions = np.asarray(actions)
         else:
-            actions = self.random_actions.uniform(-1.0, 1.0, (cfg.num_envs, ACTION_DIM)).astype(np.float32)
+            low, high = warmup_box(bounds)
+            actions = self.random_actions.uniform(low, high, (cfg.num_envs, ACTION_DIM)).astype(np.float32)
 
         highway.vector_call(self.envs, self.envs.step_async, actions)
         if c.env_steps >= c.learning_starts:
             # Dispatched asynchronously: XLA learns while the workers simulate.
-            self.agent, self.last_metrics = self.learner.iteration(self.agent, self.buffer)
+            self.agent, self.last_metrics = self.learner.iteration(self.agent, self.buffer, bounds)
             c.updates += cfg.updates_per_iteration
             c.critic_updates += cfg.updates_per_iteration * cfg.utd_ratio
         next_obs, env_reward, terminated, truncated, infos = highway.vector_call(self.envs, self.envs.step_wait)
@@ -315,7 +242,7 @@ class Trainer:
         self.stored = min(self.stored + cfg.num_envs, cfg.buffer_size)
 
         done = terminated | truncated
-        self.tracker.step(env_reward, train_reward, done)
+        self.tracker.step(env_reward, train_reward, done, values)
         c.env_steps += cfg.num_envs
         c.speed_ema = ema_over_sequence(c.speed_ema, np.array([values["forward_speed"].mean()]), EMA_WEIGHT)
         crashed = values["crashed"][done].astype(np.float64)
@@ -326,18 +253,24 @@ class Trainer:
         return next_obs
 
     # ---------------------------------------------------------------------------- worker faults
-    def _reset_envs(self, seed: int) -> np.ndarray:
+    def reset_envs(self, seed: int) -> np.ndarray | None:
+        """Start the workers where none run, and reset every env; a worker fault replaces them."""
+        cfg = self.cfg
         try:
+            if self.envs is None:
+                self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=seed, worker_timeout=cfg.worker_timeout,
+                                                    should_stop=lambda: self.interrupted)  # fmt: skip
             return highway.vector_call(self.envs, self.envs.reset, seed=seed)[0]
         except highway.WorkerFault as fault:
             return self._replace_workers(fault)
 
-    def _replace_workers(self, fault: highway.WorkerFault) -> np.ndarray:
-        """design §10: close the faulted vector env and start a new one; the running episodes end
-        there (nothing of the faulted step was stored), learner, buffer and counters carry on."""
+    def _replace_workers(self, fault: highway.WorkerFault) -> np.ndarray | None:
+        """design §10: close the faulted vector env (killing a hung worker) and start a new one; the running
+        episodes end there (nothing of the faulted step was stored), learner, buffer and counters carry on."""
         cfg, c = self.cfg, self.counters
-        highway.close_vector_env(self.envs, faulted=True)
-        self.envs = None
+        if self.envs is not None:  # else it faulted while it started
+            self.envs.close()
+            self.envs = None
         if self.interrupted or fault.exitcode == -signal.SIGTERM:
             # a SIGTERM to the whole process group reached the workers too: stop, do not replace
             self.interrupted = True
@@ -356,9 +289,7 @@ class Trainer:
         )  # fmt: skip
         self.tracker.abandon()
         # new seeds, still determined by the run: seed + 1000 * restarts + env index
-        seed = cfg.seed + 1000 * c.worker_restarts_total
-        self.envs = highway.make_vector_env(cfg.env, cfg.num_envs, seed=seed)
-        return self._reset_envs(seed=seed)
+        return self.reset_envs(seed=cfg.seed + 1000 * c.worker_restarts_total)
 
     # ------------------------------------------------------------------------ logging and eval
     def _learner_metrics(self) -> dict:
@@ -374,6 +305,7 @@ class Trainer:
 
     def _log(self) -> None:
         c, cfg = self.counters, self.cfg
+        learner = self._learner_metrics()
         record = {
             "env_steps": c.env_steps,
             "updates": c.updates,
@@ -391,7 +323,8 @@ class Trainer:
             "worker_restarts_total": c.worker_restarts_total,
             "eval_worker_restarts_total": c.eval_worker_restarts_total,
             "wall_time": c.wall_time,
-            **self._learner_metrics(),
+            **learner,
+            **schedule_metrics(cfg, c.env_steps, learner.get("limit")),
             **self.tracker.pop_means(),
             **self.pending_eval,
         }
@@ -408,11 +341,11 @@ class Trainer:
         if dead:
             self._rebuild_evaluator(f"evaluation worker {dead[0]} had died", skipped=False)
         try:
+            bounds = speed_bounds(self.cfg, self.counters.env_steps, floor=False)  # evaluation has no floor
             summary = self.evaluator.evaluate(
-                lambda agent_obs: self.learner.deterministic_actions(self.agent, agent_obs),
+                lambda agent_obs: self.learner.deterministic_actions(self.agent, agent_obs, bounds),
                 self.cfg.eval_episodes,
                 self.cfg.eval_seed,
-                should_stop=lambda: self.interrupted,
             )
         except EvaluationInterrupted:
             return  # the run stops at this step: nothing to report
@@ -424,7 +357,7 @@ class Trainer:
 
     def _rebuild_evaluator(self, reason: str, *, skipped: bool) -> None:
         c = self.counters
-        self.evaluator.close()  # kills what is left of the faulted workers
+        self.evaluator.close()  # kills what is left of the faulted workers, a hung one too
         c.eval_worker_restarts_total += 1
         outcome = "evaluation skipped" if skipped else "evaluating with a new evaluator"
         print(f"{reason} at {c.env_steps} env steps; {outcome}", file=sys.stderr, flush=True)
@@ -434,7 +367,8 @@ class Trainer:
 
     def _make_evaluator(self) -> Evaluator:
         cfg = self.cfg
-        return Evaluator(cfg.env, self.reward_params, num_workers=min(cfg.num_envs, cfg.eval_episodes))
+        return Evaluator(cfg.env, self.reward_params, num_workers=min(cfg.num_envs, cfg.eval_episodes),
+                         worker_timeout=cfg.worker_timeout, should_stop=lambda: self.interrupted)  # fmt: skip
 
     def _checkpoint(self) -> int:
         c = self.counters
@@ -449,8 +383,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- teardown
     def close(self) -> None:
-        if self.envs is not None:
-            highway.close_vector_env(self.envs, faulted=False)
+        if self.envs is not None:  # never blocks on a worker, a hung one included (design §8)
+            self.envs.close()
             self.envs = None
         if self.evaluator is not None:
             self.evaluator.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from racer_vec.run.write_failures import WriteFailed, writing
+from racer_vec.write_failures import WriteFailed, writing
 
 PANEL_HEIGHT = 40
 """Pixels of the text panel above each frame (two lines)."""
@@ -137,11 +137,17 @@ class VideoRecorder:
                 raise WriteFailed(path, "ffmpeg could not finish the video")
             self.written[episode] = path
 
+    def discard(self, episode: int) -> None:
+        """Close `episode`'s unfinished video, if it has one: its next frame starts the file again."""
+        writer = self._writers.pop(episode, None)
+        if writer is not None:
+            with contextlib.suppress(Exception):  # after a failed write: reported already
+                writer.close()
+
     def close(self) -> None:
         """Close unfinished videos (after an error or interrupt); they stay on disk, truncated."""
         for episode in list(self._writers):
-            with contextlib.suppress(Exception):  # after a failed write: reported already
-                self._writers.pop(episode).close()
+            self.discard(episode)
 
 
 def mp4_complete(path: Path) -> bool:

@@ -29,8 +29,9 @@ SIGTERM) within seconds.
 
 runs/<sweep-name>/ holds sweep.json (the command, the trials and their train.py flags), one run
 directory per trial (`cvar_risk=0.5_seed=0/`: config.json, metrics.jsonl, checkpoints/, eval/, and
-train.log, the process's output, run.lock), .tune/ (Ray Tune's state), and the report: results/,
-table.md (one row per grid point, mean ± std over seeds) and learning_curves.png.
+train.log, the process's output, each attempt's under a line naming its Ray node; run.lock), .tune/
+(Ray Tune's state), and the report: results/, table.md (one row per grid point, mean ± std over
+seeds) and learning_curves.png.
 
 Modules: `cli` (the command line), `grid` (keys, values, trial names, train.py's flags, validation),
 `sweep_dir` (plan and open the sweep's directory), `trial` (a trial's process, its lock, its metrics),

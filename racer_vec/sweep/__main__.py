@@ -8,11 +8,11 @@ import sys
 
 from racer_vec.config import ConfigError
 from racer_vec.run.signals import stop_signals
-from racer_vec.run.write_failures import WriteFailed, error_exit
 from racer_vec.sweep.cli import parse_command_line, sigterm_as_ctrl_c
 from racer_vec.sweep.grid import validate_trials
 from racer_vec.sweep.report import write_report
 from racer_vec.sweep.sweep_dir import check_settings, create_sweep, open_sweep, plan_sweep
+from racer_vec.write_failures import WriteFailed, error_exit
 
 
 def main(argv: list[str] | None = None) -> int:

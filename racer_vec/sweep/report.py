@@ -11,10 +11,10 @@ from pathlib import Path
 
 from racer_vec import plot
 from racer_vec.results import collect, group_by_seed, results_table, seeds_text, steps_text
-from racer_vec.run.write_failures import WriteFailed, write_atomically
 from racer_vec.sweep.cli import say
 from racer_vec.sweep.grid import trial_name
 from racer_vec.sweep.trial import is_finished, latest_step
+from racer_vec.write_failures import WriteFailed, write_atomically
 
 
 def grid_points(spec: dict, records: list[tuple[dict, dict]]) -> list[tuple[dict, list[dict]]]:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import configs
 from racer_vec.config import ConfigError, TrainConfig
-from racer_vec.run.write_failures import check_output_dir, write_atomically, writing
 from racer_vec.sweep.cli import CommandLine, SweepArgs
 from racer_vec.sweep.grid import (
     SET_BY_SWEEP, config_fields, flag_spellings, parse_grid, train_flag, trial_cpus, trial_name, trial_points,
 )  # fmt: skip
+from racer_vec.write_failures import check_output_dir, write_atomically, writing
 
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = ".tune"

@@ -185,8 +185,9 @@ def _last_log_line(path: Path) -> str:
 class TrialProcess:
     """One attempt of a trial: train.py as a subprocess, and the metrics.jsonl lines it appends."""
 
-    def __init__(self, spec: dict, config: dict):
+    def __init__(self, spec: dict, config: dict, node: str):
         self.spec, self.config = spec, config
+        self.node = node  # where this attempt runs, named in train.log: on a cluster, which machine ran what
         self.name = trial_name(config)
         sweep_dir = Path(spec["sweep_dir"])
         self.run_dir = sweep_dir / self.name
@@ -209,7 +210,8 @@ class TrialProcess:
         saved = checkpoint_files.steps(self.run_dir / "checkpoints")
         argv = ["--resume", str(self.run_dir)] if saved else trial_argv(self.spec, self.config)
         self.log = open(self.run_dir / TRAIN_LOG, "ab")
-        header = f"--- sweep trial {self.name}, {datetime.now():%Y-%m-%d %H:%M:%S}: train.py {' '.join(argv)}\n"
+        started = f"{datetime.now():%Y-%m-%d %H:%M:%S}, on {self.node}"
+        header = f"--- sweep trial {self.name}, {started}: train.py {' '.join(argv)}\n"
         self.log.write(header.encode())
         self.log.flush()
         cwd = self.spec["cwd"] if Path(self.spec["cwd"]).is_dir() else str(self.run_dir.parent)

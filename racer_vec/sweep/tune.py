@@ -32,6 +32,9 @@ from racer_vec.sweep.trial import (
 
 OBJECT_STORE_BYTES = 256 * 1024**2
 """A local instance's object store: trials pass nothing through it (Ray's default takes 30% of RAM)."""
+WORKER_NICENESS = 0
+"""What a local instance's Ray adds to its workers' nice value (Ray's default, 15, would run the
+trials 15 levels behind the sweep: behind any other work of the machine, design §12)."""
 
 
 SHOWN_METRICS = ("env_steps", "episode_return_mean", "speed_ema", "collision_ema")
@@ -88,6 +91,7 @@ def start_ray(args: SweepArgs) -> None:
         _node_ip_address="127.0.0.1",
         object_store_memory=OBJECT_STORE_BYTES,
         logging_level=logging.WARNING,
+        _system_config={"worker_niceness": WORKER_NICENESS},
     )
 
 
@@ -152,7 +156,8 @@ class SweepTrial(tune.Trainable):
     """One trial: a TrialProcess, its metrics.jsonl lines as Tune results."""
 
     def setup(self, config, spec):
-        self.process = TrialProcess(spec, config)
+        node = f"Ray node {ray.get_runtime_context().get_node_id()} ({socket.gethostname()})"
+        self.process = TrialProcess(spec, config, node)
         self.process.start()
 
     def step(self):
