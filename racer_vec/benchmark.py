@@ -1,6 +1,7 @@
 """Steps per second: env-only, learner-only and end-to-end training (design §9).
 
     python -m racer_vec.benchmark [PRESET] [--workers 1 2 4 8] [--seconds 20] [--output FILE]
+    python -m racer_vec.benchmark --compare REF [--rounds 10] [--round-seconds 3]
 
 Everything is measured after warm-up and compilation. JAX is imported inside functions only: the
 env workers re-import this module as __mp_main__.
@@ -21,6 +22,7 @@ import numpy as np
 import tyro
 
 import configs
+from racer_vec import benchmark_compare
 from racer_vec.config import ACTION_DIM, ConfigError, TrainConfig, resolve
 from racer_vec.run.provenance import machine_info
 
@@ -40,6 +42,13 @@ class BenchmarkArgs:
     end_to_end: bool = True
     """Measure the training loop too (not only the env and the learner)."""
     output: str = "benchmark.json"
+    compare: str | None = None
+    """A reference commit: measure its learner and the working tree's side by side instead, alternating,
+    for both presets, and the highway_fast loop with 8 workers (racer_vec.benchmark_compare)."""
+    rounds: int = 10
+    """Alternating rounds of --compare."""
+    round_seconds: float = 3.0
+    """Measuring time of each side in each --compare round, after its warm-up (--warmup-seconds)."""
 
 
 def _timed_loop(step, warmup: float, seconds: float) -> tuple[int, float]:
@@ -276,13 +285,18 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--output {args.output}: cannot create its directory ({exc.strerror})") from None
-        report = run(args)
+        if args.compare is None:
+            report = run(args)
+        else:
+            report = benchmark_compare.compare(args.compare, args.rounds, args.warmup_seconds, args.round_seconds,
+                                               args.end_to_end)  # fmt: skip
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
-    print("\n" + format_tables(report) + "\n")
+    tables = format_tables(report) if args.compare is None else benchmark_compare.format_comparison(report)
+    print("\n" + tables + "\n")
     print(f"wrote {args.output}")
     return 0
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import configs
-from racer_vec import benchmark
+from racer_vec import benchmark, benchmark_compare
 
 
 @pytest.fixture
@@ -65,3 +65,42 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_compare_summary_pairs_each_round():
+    rates = {"reference": [10.0, 8.0, 12.0], "working_tree": [13.0, 12.0, 12.0]}
+    row = benchmark_compare._summary(rates)
+    assert row["ratios"] == pytest.approx([1.3, 1.5, 1.0])
+    assert row["ratio_median"] == pytest.approx(1.3) and row["ratio_range"] == pytest.approx([1.0, 1.5])
+    assert (row["reference_median"], row["working_tree_median"]) == (10.0, 12.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "no-such-commit-xyz"], "--compare no-such-commit-xyz"),
+    (["--compare", "HEAD", "--rounds", "0"], "--rounds"),
+])
+def test_compare_bad_input_is_one_line_and_exit_2(args, message):
+    result = subprocess.run([sys.executable, "-m", "racer_vec.benchmark", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_compare_sides_import_their_own_tree():
+    """The reference side runs a git worktree's code, the working tree's side this checkout's."""
+    head = subprocess.run(["git", "-C", str(benchmark_compare.ROOT), "rev-parse", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    with benchmark_compare.reference_worktree("HEAD") as path:
+        sides = [benchmark_compare.Side("reference", path), benchmark_compare.Side("working_tree", benchmark_compare.ROOT)]
+        try:
+            for side in sides:
+                assert side.info["commit"] == head
+                assert any(f.endswith("racer_vec/learner/agent.py") for f in side.info["files"])
+                assert all(f.startswith(f"{side.root}/") for f in side.info["files"])
+        finally:
+            for side in sides:
+                side.close()
+    assert not path.exists()

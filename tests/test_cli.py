@@ -120,7 +120,7 @@ def test_fast_sim_is_default_and_no_fast_sim_swaps_back():
         simulator_id(dataclasses.replace(stock, env_id="highway_env:merge-v0", fast_sim=True))
 
 
-@pytest.mark.parametrize("tool", ["benchmark", "pendulum", "plot", "results", "device_check"])
+@pytest.mark.parametrize("tool", ["benchmark", "profile_learner", "pendulum", "plot", "results", "device_check"])
 def test_tool_usage_names_the_documented_command(tool, capsys):
     """`--help` shows the `python -m racer_vec.<tool>` a user typed, not a path into the package."""
     import importlib

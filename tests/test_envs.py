@@ -202,7 +202,7 @@ for name in sim:
 other_side = sorted(m for m in sys.modules if m.startswith(("racer_vec.run", "racer_vec.learner", "racer_vec.sweep")))
 assert not other_side, other_side
 for name in ["racer_vec", "racer_vec.config", "racer_vec.validation", "configs", "train", "evaluate",
-                   "racer_vec.benchmark", "racer_vec.plot", "racer_vec.results", "racer_vec.pendulum",
+                   "racer_vec.benchmark", "racer_vec.profile_learner", "racer_vec.plot", "racer_vec.results", "racer_vec.pendulum",
                    "racer_vec.sweep", "racer_vec.sweep.__main__", "racer_vec.run.evaluation"]:
     importlib.import_module(name)
 print(sorted(m for m in sys.modules if m == "jax" or m.startswith("jax.")))

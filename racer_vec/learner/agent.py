@@ -212,6 +212,7 @@ class Setup:
     utd_ratio: int
 
 
+@jax.named_call
 def apply_step(tx: optax.GradientTransformation, state: TrainState, grads) -> TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return TrainState(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
@@ -222,6 +223,7 @@ def ensemble(layout: networks.Layout, flat_params, obs, actions):
     return networks.ensemble_apply(layout.unravel(flat_params), obs, actions)
 
 
+@jax.named_call
 def draw_minibatches(setup: Setup, buffer: replay.ReplayBuffer, k_batch, k_noise):
     """U minibatches (fields (U, B, ...)) and standard normal noise for the next actions and the
     OOD actions of each (2, U, B, A) and for the actor's own step (B, A), drawn at once."""
@@ -231,6 +233,7 @@ def draw_minibatches(setup: Setup, buffer: replay.ReplayBuffer, k_batch, k_noise
     return replay.gather(buffer, indices), noise[:-1].reshape(2, utd, -1, ACTION_DIM), noise[-1]
 
 
+@jax.named_call
 def critic_loss(setup: Setup, layout, lagrange, flat_params, obs, actions, ood_actions, target):
     """Cross-entropy against the projected target + λ (H_data − H_ood) (design §4.3)."""
     # data and OOD actions share the state encoding: logits (num_qs, 2, B, K)
@@ -250,15 +253,7 @@ def critic_step(setup: Setup, layout, alpha, lagrange, carry, minibatch):
     """One critic minibatch: projected target with the termination mask, AdamW, Polyak (design §4.3)."""
     cfg, critic, target_params = setup.cfg, *carry
     batch, next_actions, next_log_probs, ood_actions = minibatch
-    next_probs = jax.nn.softmax(ensemble(layout, target_params, batch.next_observations, next_actions))
-    if not cfg.independent_ensemble:
-        next_probs = jnp.broadcast_to(jnp.mean(next_probs, axis=0), next_probs.shape)
-    atoms = setup.atoms
-    next_atoms = atoms - alpha * next_log_probs[:, None] if cfg.backup_entropy else atoms
-    # r + gamma * mask * z, mask = 0 on true termination: (B, K), shared by every member
-    masks = jnp.ones_like(batch.masks) if cfg.bootstrap_terminations else batch.masks
-    target_atoms = batch.rewards[:, None] + cfg.discount * masks[:, None] * next_atoms
-    target = categorical_l2_project(target_atoms, next_probs, atoms)  # (num_qs, B, K)
+    target = critic_target(setup, layout, alpha, target_params, batch, next_actions, next_log_probs)
     grads, info = jax.grad(functools.partial(critic_loss, setup, layout, lagrange), has_aux=True)(
         critic.params, batch.observations, batch.actions, ood_actions, target
     )
@@ -267,14 +262,30 @@ def critic_step(setup: Setup, layout, alpha, lagrange, carry, minibatch):
     return (critic, target_params), setup.shards.pmean(info)
 
 
+@jax.named_call
+def critic_target(setup: Setup, layout, alpha, target_params, batch, next_actions, next_log_probs):
+    """The target critic's distributions at (s', a') projected onto the atoms (design §4.3): (num_qs, B, K)."""
+    cfg = setup.cfg
+    next_probs = jax.nn.softmax(ensemble(layout, target_params, batch.next_observations, next_actions))
+    if not cfg.independent_ensemble:
+        next_probs = jnp.broadcast_to(jnp.mean(next_probs, axis=0), next_probs.shape)
+    atoms = setup.atoms
+    next_atoms = atoms - alpha * next_log_probs[:, None] if cfg.backup_entropy else atoms
+    # r + gamma * mask * z, mask = 0 on true termination: (B, K), shared by every member
+    masks = jnp.ones_like(batch.masks) if cfg.bootstrap_terminations else batch.masks
+    target_atoms = batch.rewards[:, None] + cfg.discount * masks[:, None] * next_atoms
+    return categorical_l2_project(target_atoms, next_probs, atoms)  # (num_qs, B, K)
+
+
 def critic_steps(setup: Setup, agent: RacerAgent, batches, noise, alpha, lagrange, bounds: SpeedBounds):
     """The U critic minibatches, scanned; returns (critic, target_critic, per-minibatch info (U,)).
     The next actions take the floor but not the ramp: the learned cap alone, as in RACER's code (design §4.3)."""
     # The actor is fixed during the critic steps, so its actions at s' (targets) and at s (OOD)
     # for all U minibatches come from one tall forward pass: (2, U, B, A).
-    mean, log_std = networks.actor_apply(
-        agent.actor_params(), jnp.stack([batches.next_observations, batches.observations])
-    )
+    with jax.named_scope("actor_tall_pass"):
+        mean, log_std = networks.actor_apply(
+            agent.actor_params(), jnp.stack([batches.next_observations, batches.observations])
+        )
     next_actions, next_log_probs, _ = networks.sample_policy(
         mean[0], log_std[0], agent.limit.params, noise[0], agent.speed_cap, bounds.floor
     )
@@ -292,6 +303,7 @@ def policy_objective(setup: Setup, alpha, risk, log_probs, mixture):
     return jnp.mean(alpha * log_probs - values), values
 
 
+@jax.named_call
 def policy_step(setup: Setup, agent: RacerAgent, critic_params, obs, noise, alpha, bounds: SpeedBounds = SpeedBounds()):
     """Actor and limit (design §4.5, §4.6) on the updated critic's mixture; returns (actor, limit,
     info with the losses, the log-probabilities (B,), the CVaRs (B,) and the mixture (B, K))."""

@@ -92,7 +92,30 @@ def _dense_init(key, fan_in: int, fan_out: int, scale: float) -> Params:
 
 
 def _dense(p: Params, x):
-    return x @ p["kernel"] + p["bias"]
+    return _matmul(x, p["kernel"]) + p["bias"]
+
+
+@jax.custom_vjp
+def _matmul(x, kernel):
+    """`x @ kernel` for a stack of rows x (..., F) (design §9). The kernel's gradient x^T g contracts
+    over every row: XLA:CPU's YNNPACK dots take a contraction only along the left operand's minor
+    axis, so XLA would transpose the gradient and run the product as a slow Eigen dot (a batched one
+    under the ensemble's vmap). Here the input's transpose is made once in the forward pass, behind
+    an optimization barrier that keeps XLA from folding it back into the dot."""
+    return x @ kernel
+
+
+def _matmul_fwd(x, kernel):
+    rows_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    return x @ kernel, (rows_t, kernel)
+
+
+def _matmul_bwd(residuals, g):
+    rows_t, kernel = residuals
+    return g @ kernel.T, rows_t @ g.reshape(-1, g.shape[-1])
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _norm_init(dim: int) -> Params:
@@ -100,10 +123,32 @@ def _norm_init(dim: int) -> Params:
 
 
 def _layer_norm(p: Params, x, eps: float = 1e-6):
+    return _normalize(x, eps) * p["scale"] + p["bias"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _normalize(x, eps):
+    """(x - mean) / sqrt(var + eps) over the last axis. The gradient is the textbook one,
+    `rstd * (g - mean(g) - xhat * mean(g * xhat))`: two row means and one pass, where autodiff of
+    the moments gives XLA several more kernels (design §9)."""
+    return _normalize_fwd(x, eps)[0]
+
+
+def _normalize_fwd(x, eps):
     # E[x^2] - E[x]^2 (like flax's default): both moments come from one pass over x
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    rstd = jax.lax.rsqrt(var + eps)
+    xhat = (x - mean) * rstd
+    return xhat, (xhat, rstd)
+
+
+def _normalize_bwd(eps, residuals, g):
+    xhat, rstd = residuals
+    return (rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)),)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,41 +159,34 @@ def _pointnet_init(key, dim: int) -> Params:
     return {"dense": _dense_init(key, VEHICLE_FEATURES, dim, HIDDEN_INIT_SCALE), "norm": _norm_init(dim)}
 
 
-@jax.custom_vjp
-def _rows_dense(x, kernel, bias):
-    """`x @ kernel + bias` for a stack of rows (..., F) with a small F, e.g. every vehicle's 6 features."""
-    return x @ kernel + bias
-
-
-def _rows_dense_fwd(x, kernel, bias):
-    return x @ kernel + bias, (x, kernel)
-
-
-def _rows_dense_bwd(residuals, g):
-    # The kernel's gradient contracts over every row. Written as x^T @ g, XLA transposes the thin
-    # input (F wide) rather than the gradient (H wide), which autodiff's own rule makes it do.
-    x, kernel = residuals
-    rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    return g @ kernel.T, rows_x.T @ rows_g, jnp.sum(rows_g, axis=0)
-
-
-_rows_dense.defvjp(_rows_dense_fwd, _rows_dense_bwd)
-
-
 def pointnet_pool(p: Params, others):
     """Max-pool of Dense+LayerNorm+ReLU over the other vehicles' rows `others (..., V-1, 6)`.
 
     Absent rows are zeroed before the max and the ReLU is applied after it:
     `relu(max_j(present_j * z_j)) = max(0, max_{present j} relu(z_j))`, the masked max of the ReLU
     outputs, and exactly 0 (not -inf) when no other vehicle is present. Applying the ReLU to the
-    pooled vector rather than to every row saves a full-size pass. The rows of all vehicles and
-    samples go through the shared layer as one tall matrix.
+    pooled vector rather than to every row saves a full-size pass.
+    """
+    return pointnet_pool_members(jax.tree.map(lambda x: x[None], p), others)[0]
+
+
+def pointnet_pool_members(p: Params, others):
+    """`pointnet_pool` of every member of an ensemble (leading axis of p) on the same rows: (m, ..., H).
+
+    The rows of all vehicles and samples go through the members' shared layers as one tall matrix,
+    and the members side by side as one wide one, (rows, 6) @ (6, m*H): the members' features stay
+    side by side through the LayerNorm and the pool, so neither the forward pass nor the gradient
+    moves the rows' member axis (design §9); only the pooled (m, ..., H) is transposed.
     """
     with jax.named_scope("pointnet"):
-        h = _rows_dense(others, p["dense"]["kernel"], p["dense"]["bias"])  # (..., V-1, H)
-        z = _layer_norm(p["norm"], h)
-        present = (others[..., :1] > 0.5).astype(z.dtype)
-        return jax.nn.relu(_row_max(z.shape[-2], z * present))
+        kernel = p["dense"]["kernel"]  # (m, 6, H)
+        members, features, dim = kernel.shape
+        wide = jnp.moveaxis(kernel, 0, 1).reshape(features, members * dim)
+        h = _matmul(others, wide) + p["dense"]["bias"].reshape(-1)  # (..., V-1, m*H)
+        z = _layer_norm(p["norm"], h.reshape(h.shape[:-1] + (members, dim)))
+        present = (others[..., :1] > 0.5).astype(z.dtype)[..., None]
+        pooled = jax.nn.relu(_row_max(others.shape[-2], (z * present).reshape(h.shape)))  # (..., m*H)
+        return jnp.moveaxis(pooled.reshape(pooled.shape[:-1] + (members, dim)), -2, 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -294,8 +332,11 @@ def critic_apply(params: Params, obs, actions):
     state = encode(params, obs)
     first = params["hidden"][0]["dense"]
     width = state.shape[-1]
-    state_part = state @ first["kernel"][:width] + first["bias"]  # (N, H)
-    action_part = actions @ first["kernel"][width:]
+    state_part = _matmul(state, first["kernel"][:width]) + first["bias"]  # (N, H)
+    # the actions' few columns as multiply-adds: their kernel's gradient is then a reduction over the
+    # rows, where a dot would need the gradient transposed to put the members side by side (design §9)
+    action_kernel = first["kernel"][width:]
+    action_part = sum(actions[..., i, None] * action_kernel[i] for i in range(action_kernel.shape[0]))
     if actions.ndim == state.ndim:
         h = state_part + action_part
     else:
@@ -312,5 +353,13 @@ def critic_apply(params: Params, obs, actions):
 
 
 def ensemble_apply(params: Params, obs, actions):
-    """All members at once (vmap over the stacked parameters): logits (num_qs, ..., N, K)."""
-    return jax.vmap(critic_apply, in_axes=(0, None, None))(params, obs, actions)
+    """All members at once (vmap over the stacked parameters): logits (num_qs, ..., N, K). The
+    PointNet encoders of all members run side by side (`pointnet_pool_members`) before the vmap."""
+    if "pointnet" not in params:
+        return jax.vmap(critic_apply, in_axes=(0, None, None))(params, obs, actions)
+    rows = obs.reshape(obs.shape[:-1] + (-1, VEHICLE_FEATURES))
+    pooled = pointnet_pool_members(params["pointnet"], rows[..., 1:, :])
+    ego = jnp.broadcast_to(rows[..., 0, :], pooled.shape[:-1] + (VEHICLE_FEATURES,))
+    states = jnp.concatenate([ego, pooled], axis=-1)  # (m, ..., N, 6 + H): what `encode` gives each member
+    mlp = {name: value for name, value in params.items() if name != "pointnet"}
+    return jax.vmap(critic_apply, in_axes=(0, 0, None))(mlp, states, actions)
