@@ -1,5 +1,6 @@
 """Shared fixtures: one tiny training run for every test that needs a run."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -45,6 +46,17 @@ def run_train(*args, timeout=300, **popen_kwargs) -> subprocess.CompletedProcess
         [sys.executable, str(ROOT / "train.py"), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen_kwargs,
     )
+
+
+def train_here(*args) -> int:
+    """train.py's main() in this process: a real run (its env workers, learner and checkpoints) that
+    reuses this process's imports and compiled functions instead of run_train's new interpreter
+    (~3 s of imports, then start-up and compiles). For runs whose results, not whose process, a test
+    checks (read the output with capsys). The run restores the stop signals' handlers it replaced."""
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main([str(arg) for arg in args])
 
 
 @pytest.fixture(scope="session")

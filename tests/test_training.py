@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import ROOT, TINY_ARGS, run_train
+from conftest import ROOT, TINY_ARGS, run_train, train_here
 from racer_vec.run.checkpoints import Checkpointer
 from racer_vec.config import TrainConfig, from_dict
 
@@ -53,8 +53,7 @@ def test_resume_continues_counters_and_restores_buffer(tiny_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     before = _metrics(run_dir)[-1]
-    result = run_train("--resume", str(run_dir), "--max-steps", "500", "--wandb-mode", "disabled")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert train_here("--resume", run_dir, "--max-steps", "500", "--wandb-mode", "disabled") == 0
     rows = _metrics(run_dir)
     after = rows[-1]
     assert rows[-2] == before and after["env_steps"] == 500
@@ -140,7 +139,8 @@ def test_reset_schedule_steps_and_once_per_step():
 
 
 @pytest.mark.slow
-def test_reset_schedule_reinitializes_and_a_resumed_run_resets_exactly_as_the_uninterrupted_one(tiny_run, tmp_path):
+def test_reset_schedule_reinitializes_and_a_resumed_run_resets_exactly_as_the_uninterrupted_one(tiny_run, tmp_path,
+                                                                                                  capsys):
     """design §11 at the tiny scale: resets after the updates of vector steps 100 and 150 (env steps
     200 and 300), none at 50 (no update yet) nor at 200 (400 is past 80% of 400). Updates run from
     100 env steps, one per vector step, with two critic steps each."""
@@ -155,16 +155,16 @@ def test_reset_schedule_reinitializes_and_a_resumed_run_resets_exactly_as_the_un
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "400")
-    result = run_train("--resume", str(run_dir), "--max-steps", "400", "--wandb-mode", "disabled")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("reset the agent") == 2, result.stdout[-3000:]
-    assert "at 200 env steps" in result.stdout and "at 300 env steps" in result.stdout
+    assert train_here("--resume", run_dir, "--max-steps", "400", "--wandb-mode", "disabled") == 0
+    out = capsys.readouterr().out
+    assert out.count("reset the agent") == 2, out[-3000:]
+    assert "at 200 env steps" in out and "at 300 env steps" in out
     assert _metrics(run_dir)[-1]["resets_total"] == 2
     assert _adam_counts(run_dir, 400) == _adam_counts(tiny_run, 400)
 
 
 @pytest.mark.slow
-def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
+def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path, capsys):
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     shutil.rmtree(run_dir / "checkpoints" / "400" / "buffer")
@@ -172,9 +172,8 @@ def test_resume_without_buffer_refills_before_updates(tiny_run, tmp_path):
 
     write_manifest(run_dir / "checkpoints" / "400")  # saved without its buffer (else it is damaged)
     before = _metrics(run_dir)[-1]
-    result = run_train("--resume", str(run_dir), "--max-steps", "560", "--wandb-mode", "disabled")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "refilling" in result.stdout
+    assert train_here("--resume", run_dir, "--max-steps", "560", "--wandb-mode", "disabled") == 0
+    assert "refilling" in capsys.readouterr().out
     rows = _metrics(run_dir)
     after = rows[-1]
     # 100 refill steps (start_training) without updates, then 60 steps = 30 vector steps of updates
@@ -254,7 +253,7 @@ def _workers(driver_pid):
 
 @pytest.mark.slow
 def test_killed_training_worker_is_replaced_and_the_run_finishes(tmp_path):
-    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", max_steps=600)
+    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", max_steps=400)
     workers = _workers(proc.pid)
     assert len(workers) == 2
     workers[1].kill()
@@ -264,14 +263,14 @@ def test_killed_training_worker_is_replaced_and_the_run_finishes(tmp_path):
     assert "env worker 1 failed" in err and "replacing the env workers" in err, err[-3000:]
     assert _wait_all_gone(proc.pid) == []
     rows = _metrics(tmp_path / "long")
-    assert rows[-1]["env_steps"] == 600 and rows[-1]["worker_restarts_total"] == 1
-    state = json.loads((tmp_path / "long" / "checkpoints" / "600" / "state" / "metadata").read_text())
+    assert rows[-1]["env_steps"] == 400 and rows[-1]["worker_restarts_total"] == 1
+    state = json.loads((tmp_path / "long" / "checkpoints" / "400" / "state" / "metadata").read_text())
     assert state["counters"]["worker_restarts_total"] == 1
 
 
 @pytest.mark.slow
 def test_killed_evaluation_worker_is_replaced_and_the_run_finishes(tmp_path):
-    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", "--eval-interval", "200", max_steps=600)
+    proc = _start_long_run(tmp_path, "--wandb-mode", "disabled", "--eval-interval", "200", max_steps=400)
     workers = _workers(proc.pid)
     assert len(workers) == 4  # 2 training workers, then the evaluator's 2
     workers[2].kill()
@@ -281,10 +280,10 @@ def test_killed_evaluation_worker_is_replaced_and_the_run_finishes(tmp_path):
     assert "evaluation worker 0 had died" in err, err[-3000:]
     assert _wait_all_gone(proc.pid) == []
     rows = _metrics(tmp_path / "long")
-    assert rows[-1]["env_steps"] == 600 and rows[-1]["eval_worker_restarts_total"] == 1
+    assert rows[-1]["env_steps"] == 400 and rows[-1]["eval_worker_restarts_total"] == 1
     assert rows[-1]["worker_restarts_total"] == 0
-    # the evaluations after the rebuild ran: none was skipped
-    assert [r["eval/num_episodes"] for r in rows if "eval/num_episodes" in r] == [2, 2, 2]
+    # the evaluation after the rebuild ran: none was skipped
+    assert [r["eval/num_episodes"] for r in rows if "eval/num_episodes" in r] == [2, 2]
 
 
 @pytest.mark.slow
@@ -300,29 +299,37 @@ def test_run_past_its_restart_limit_stops_with_a_checkpoint(tmp_path):
     assert Checkpointer(tmp_path / "long" / "checkpoints", keep=5).latest_step() is not None
 
 
-@pytest.mark.slow  # a real run
-def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
-    """Replay each worker's env in-process with the buffer's actions: every stored row must match."""
-    from conftest import TINY_ARGS as args
-    from racer_vec.sim import highway
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory):
+    """45 vector steps of the tiny run's driver in this process (90 transitions, 4+ episodes per env at
+    20 steps each; updates from 40 env steps): its config, its buffer's rows, its update count and how
+    many times the sampler and the update compiled."""
     from racer_vec.run.train_cli import parse_train_args
     from racer_vec.run.training import Trainer
 
     cfg = dataclasses.replace(
-        parse_train_args(list(args)), wandb_mode="disabled", eval_interval=0, runs_dir=str(tmp_path), run_name="boundaries",
-        start_training=40, max_steps=10**9,
-    )
-    steps = 45  # vector steps: 90 transitions, 4+ episodes per env at 20 steps each
+        parse_train_args(list(TINY_ARGS)), wandb_mode="disabled", eval_interval=0,
+        runs_dir=str(tmp_path_factory.mktemp("runs")), run_name="stepped", start_training=40, max_steps=10**9,
+    )  # fmt: skip
     trainer = Trainer(cfg)
     try:
         trainer.setup()
         obs = trainer.reset_envs(seed=cfg.seed)  # starts the workers
-        for _ in range(steps):
+        for _ in range(45):
             obs = trainer.vector_step(obs)
         stored = {k: np.asarray(getattr(trainer.buffer, k)) for k in ("observations", "actions", "masks", "next_observations")}
+        compiles = {"sample": trainer._sample._cache_size(), "iteration": trainer.learner.iteration._cache_size()}
+        return {"cfg": cfg, "steps": 45, "stored": stored, "updates": trainer.counters.updates, "compiles": compiles}
     finally:
         trainer.close()
 
+
+@pytest.mark.slow  # replays the run's envs
+def test_stored_transitions_never_cross_episode_boundaries(stepped):
+    """Replay each worker's env in-process with the buffer's actions: every stored row must match."""
+    from racer_vec.sim import highway
+
+    cfg, steps, stored = stepped["cfg"], stepped["steps"], stepped["stored"]
     n = cfg.num_envs
     ends = 0
     for i in range(n):
@@ -342,33 +349,20 @@ def test_stored_transitions_never_cross_episode_boundaries(tmp_path):
     assert ends >= 4
 
 
-def test_the_loop_compiles_its_calls_once(tmp_path):
+def test_the_loop_compiles_its_calls_once(stepped):
     """The sampler and the update compile on the first iteration only. (An uncommitted PRNG key
     once made the sampler compile a second time on the second iteration, ~1 s of a timed loop.)"""
-    from racer_vec.run.train_cli import parse_train_args
-    from racer_vec.run.training import Trainer
-
-    cfg = parse_train_args([*TINY_ARGS, "--runs-dir", str(tmp_path), "--run-name", "once", "--wandb-mode", "disabled",
-                            "--eval-interval", "0", "--start-training", "32"])
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        obs = trainer.reset_envs(seed=0)  # starts the workers
-        for _ in range(40):  # 80 env steps: random actions to 32, then sampling and updates
-            obs = trainer.vector_step(obs)
-        assert trainer.counters.updates > 10
-        assert trainer._sample._cache_size() == 1
-        assert trainer.learner.iteration._cache_size() == 1
-    finally:
-        trainer.close()
+    assert stepped["updates"] > 10  # random actions to 40 env steps, then sampling and updates
+    assert stepped["compiles"] == {"sample": 1, "iteration": 1}
 
 
 @pytest.mark.slow
 def test_the_same_command_trains_the_same_run(tiny_run, tmp_path):
     # Results rows are checked by rerunning their command: everything but the clock must repeat,
-    # bit for bit (env seeds, warm-up actions, minibatches, XLA's CPU arithmetic).
-    result = run_train(*TINY_ARGS, "--runs-dir", str(tmp_path), "--run-name", "again", "--wandb-mode", "disabled")
-    assert result.returncode == 0, result.stderr[-3000:]
+    # bit for bit (env seeds, warm-up actions, minibatches, XLA's CPU arithmetic). The rerun is
+    # main() in this process, which is not the tiny run's: another process, with its own hash seed
+    # and whatever this session ran before (a fresh interpreter adds no way to differ).
+    assert train_here(*TINY_ARGS, "--runs-dir", tmp_path, "--run-name", "again", "--wandb-mode", "disabled") == 0
 
     def untimed(run_dir):
         return [{k: v for k, v in m.items() if k not in ("sps", "wall_time")} for m in _metrics(run_dir)]
