@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,29 @@ def train_here(*args) -> int:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script.main([str(arg) for arg in args])
+
+
+def running(pids) -> list[int]:
+    """Those of `pids` that still run (not zombies)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def no_worker_left(timeout: float = 10.0) -> list:
+    """The live children of this process's forkserver (env workers), once they are gone or at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        forkservers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+        left = running([c.pid for fs in forkservers for c in fs.children()])
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
