@@ -1,11 +1,14 @@
 """Shared fixtures: one tiny training run for every test that needs a run."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +48,40 @@ def run_train(*args, timeout=300, **popen_kwargs) -> subprocess.CompletedProcess
         [sys.executable, str(ROOT / "train.py"), *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen_kwargs,
     )
+
+
+def train_here(*args) -> int:
+    """train.py's main() in this process: a real run (its env workers, learner and checkpoints) that
+    reuses this process's imports and compiled functions instead of run_train's new interpreter
+    (~3 s of imports, then start-up and compiles). For runs whose results, not whose process, a test
+    checks (read the output with capsys). The run restores the stop signals' handlers it replaced."""
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main([str(arg) for arg in args])
+
+
+def running(pids) -> list[int]:
+    """Those of `pids` that still run (not zombies)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def no_worker_left(timeout: float = 10.0) -> list:
+    """The live children of this process's forkserver (env workers), once they are gone or at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        forkservers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+        left = running([c.pid for fs in forkservers for c in fs.children()])
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
