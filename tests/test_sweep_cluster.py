@@ -14,7 +14,10 @@ import pytest
 from racer_vec.sweep import trial
 from test_sweep import TRAIN_FLAGS, _metrics, _sessions, _start, _stopped_on_failure, _wait_for
 
-MAX_STEPS = 400  # a checkpoint every 100 steps: the lost trial has one to resume from, and steps left
+# Random actions only (--start-training MAX_STEPS: no learner to compile, ~240 steps/s): what is
+# checked is where the trials run, not what they learn. A checkpoint every 100 steps: the lost trial
+# has one to resume from, and steps left when its node goes (a second or two after its first)
+MAX_STEPS = 1500
 
 
 def _attempt_nodes(run_dir) -> list[str]:
@@ -54,16 +57,18 @@ def test_a_trial_on_a_lost_node_finishes_from_its_checkpoint_on_the_head(tmp_pat
     from ray.cluster_utils import Cluster  # here: collecting the suite imports no Ray
 
     before = _live_children()
-    # the nodes run their workers at this process's nice value, as the sweep's own instance does
+    # the nodes run their workers at this process's nice value, as the sweep's own instance does,
+    # and, as it does, without a dashboard or usage statistics
     monkeypatch.setenv("RAY_worker_niceness", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         second = cluster.add_node(num_cpus=1)
         head_id, second_id = cluster.head_node.node_id, second.node_id
         sweep_dir = tmp_path / "runs" / "cluster"
         argv = ["highway_fast", "--seeds", "0", "1", "--sweep-name", "cluster", "--address", cluster.address,
                 "--cpus-per-trial", "1", "--no-final-report", *TRAIN_FLAGS, "--checkpoint-interval", "100",
-                "--max-steps", str(MAX_STEPS)]  # fmt: skip
+                "--max-steps", str(MAX_STEPS), "--start-training", str(MAX_STEPS)]  # fmt: skip
         runs = [sweep_dir / "seed=0", sweep_dir / "seed=1"]
         proc, log = _start(tmp_path, "sweep", *argv)
         with _stopped_on_failure(proc):
