@@ -54,9 +54,11 @@ def test_a_trial_on_a_lost_node_finishes_from_its_checkpoint_on_the_head(tmp_pat
     from ray.cluster_utils import Cluster  # here: collecting the suite imports no Ray
 
     before = _live_children()
-    # the nodes run their workers at this process's nice value, as the sweep's own instance does
+    # the nodes run their workers at this process's nice value, as the sweep's own instance does,
+    # and, as it does, without a dashboard or usage statistics
     monkeypatch.setenv("RAY_worker_niceness", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         second = cluster.add_node(num_cpus=1)
         head_id, second_id = cluster.head_node.node_id, second.node_id
