@@ -178,7 +178,7 @@ def test_reset_reinitializes_all_but_the_temperature_from_the_agents_key(pointne
     reset = racer.reset_agent(POINTNET, VEHICLES * 6, trained)
 
     key, k_init = jax.random.split(jax.random.wrap_key_data(jnp.asarray(before.key), impl=racer.RNG_IMPL))
-    fresh = racer._init_agent(POINTNET, VEHICLES * 6, jax.random.key_data(k_init))
+    fresh = racer._agent_initializer(POINTNET, VEHICLES * 6)(jax.random.key_data(k_init))  # compiled: init_agent's
     for name in ("actor", "critic", "lagrange"):
         jax.tree.map(np.testing.assert_array_equal, getattr(reset, name), getattr(fresh, name))
         assert not np.allclose(np.asarray(getattr(reset, name).params), getattr(before, name).params), name
