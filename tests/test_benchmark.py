@@ -26,7 +26,7 @@ def tiny_preset(monkeypatch):
 @pytest.mark.slow
 def test_benchmark_measures_writes_and_prints_every_section(tiny_preset, tmp_path, capsys):
     output = tmp_path / "out" / "bench.json"
-    code = benchmark.main(["tiny", "--workers", "2", "--seconds", "1", "--warmup-seconds", "0.3",
+    code = benchmark.main(["tiny", "--workers", "2", "--seconds", "0.5", "--warmup-seconds", "0.3",
                            "--sims", "fast", "--output", str(output)])
     assert code == 0
     report = json.loads(output.read_text())
