@@ -9,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from racer_vec.learner import agent as racer
@@ -156,6 +155,8 @@ def test_iteration_is_one_compiled_call_that_updates_everything(pointnet_learner
 
 
 def test_agent_checkpoint_round_trip_keeps_the_compiled_update(pointnet_learner, pointnet_buffer, tmp_path):
+    import orbax.checkpoint as ocp  # here, not at the top: the 2-device subprocess imports this module
+
     agent, _ = pointnet_learner.iteration(racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 1), pointnet_buffer)
     expected = jax.tree.map(np.asarray, agent)
     template = racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 2)
