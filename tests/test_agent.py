@@ -9,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from racer_vec.learner import agent as racer
@@ -156,6 +155,8 @@ def test_iteration_is_one_compiled_call_that_updates_everything(pointnet_learner
 
 
 def test_agent_checkpoint_round_trip_keeps_the_compiled_update(pointnet_learner, pointnet_buffer, tmp_path):
+    import orbax.checkpoint as ocp  # here, not at the top: the 2-device subprocess imports this module
+
     agent, _ = pointnet_learner.iteration(racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 1), pointnet_buffer)
     expected = jax.tree.map(np.asarray, agent)
     template = racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 2)
@@ -178,7 +179,7 @@ def test_reset_reinitializes_all_but_the_temperature_from_the_agents_key(pointne
     reset = racer.reset_agent(POINTNET, VEHICLES * 6, trained)
 
     key, k_init = jax.random.split(jax.random.wrap_key_data(jnp.asarray(before.key), impl=racer.RNG_IMPL))
-    fresh = racer._init_agent(POINTNET, VEHICLES * 6, jax.random.key_data(k_init))
+    fresh = racer._agent_initializer(POINTNET, VEHICLES * 6)(jax.random.key_data(k_init))  # compiled: init_agent's
     for name in ("actor", "critic", "lagrange"):
         jax.tree.map(np.testing.assert_array_equal, getattr(reset, name), getattr(fresh, name))
         assert not np.allclose(np.asarray(getattr(reset, name).params), getattr(before, name).params), name

@@ -71,31 +71,32 @@ def _reference_unavailable() -> str | None:
     return None
 
 
-def _run_reference(worktree: Path, runs_dir: Path) -> subprocess.CompletedProcess:
-    """The tiny run, as the fixture `tiny_run` makes it, from the worktree's train.py. Python's
-    verbose mode reports every module each process (driver, forkserver, workers) imports, and from where."""
+def _start_reference(worktree: Path, runs_dir: Path, log) -> subprocess.Popen:
+    """The tiny run, as the fixture `tiny_run` makes it, from the worktree's train.py, its output to
+    `log` (a file: a pipe would fill up and stall the run). Python's verbose mode reports every module
+    each process (driver, forkserver, workers) imports, and from where."""
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONVERBOSE": "1"}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(worktree / "train.py"), *TINY_ARGS, "--runs-dir", str(runs_dir), "--run-name", "tiny",
          "--save-buffer", "--wandb-mode", "offline"],
-        capture_output=True, text=True, timeout=600, cwd=worktree, env=env,
+        stdout=log, stderr=subprocess.STDOUT, cwd=worktree, env=env,
     )  # fmt: skip
 
 
-def _check_imported_from(worktree: Path, result: subprocess.CompletedProcess, run_dir: Path) -> None:
+def _check_imported_from(worktree: Path, output: str, run_dir: Path) -> None:
     """racer_vec and configs came from the worktree in every process: not from this checkout, to
     which the editable install points (the script's directory comes first on sys.path)."""
-    roots = set(re.findall(r"([^\s'\"]+)/racer_vec/\S*?\.py", result.stderr))
+    roots = set(re.findall(r"([^\s'\"]+)/racer_vec/\S*?\.py", output))
     assert roots == {str(worktree)}, f"racer_vec imported from {sorted(roots)}, not only from {worktree}"
-    assert f"{worktree}/racer_vec/sim/highway.py" in result.stderr  # the env workers' module
-    assert f"{worktree}/configs/" in result.stderr and f"{ROOT}/configs/" not in result.stderr
+    assert f"{worktree}/racer_vec/sim/highway.py" in output  # the env workers' module
+    assert f"{worktree}/configs/" in output and f"{ROOT}/configs/" not in output
     # the driver's own provenance: the commit of the racer_vec it imported
     sessions = [json.loads(line) for line in (run_dir / "run_info.jsonl").read_text().splitlines()]
     assert [s.get("commit") for s in sessions if "commit" in s] == [REFERENCE_COMMIT], sessions
 
 
 @pytest.mark.slow
-def test_the_tiny_run_logs_what_the_reference_commit_logs(tiny_run, tmp_path):
+def test_the_tiny_run_logs_what_the_reference_commit_logs(request, tmp_path):
     why = _reference_unavailable()
     if why:
         pytest.skip(f"no reference run: {why}")
@@ -103,9 +104,18 @@ def test_the_tiny_run_logs_what_the_reference_commit_logs(tiny_run, tmp_path):
     added = _git("worktree", "add", "--detach", str(worktree), REFERENCE_COMMIT)
     assert added.returncode == 0, added.stderr
     try:
-        result = _run_reference(worktree, tmp_path / "runs")
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        _check_imported_from(worktree, result, tmp_path / "runs" / "tiny")
+        log = tmp_path / "reference.log"
+        with log.open("w") as out:
+            reference = _start_reference(worktree, tmp_path / "runs", out)
+            try:
+                # HEAD's run (the session's `tiny_run`, made now if no test made it yet) beside the reference's
+                tiny_run = request.getfixturevalue("tiny_run")
+                reference.wait(timeout=600)
+            finally:
+                reference.kill()
+        output = log.read_text()
+        assert reference.returncode == 0, output[-6000:]
+        _check_imported_from(worktree, output, tmp_path / "runs" / "tiny")
         differences = _differences(logged_values(tmp_path / "runs" / "tiny"), logged_values(tiny_run))
         assert not differences, f"HEAD's tiny run differs from {REFERENCE_COMMIT[:7]}'s:\n" + "\n".join(differences[:20])
     finally:

@@ -199,15 +199,19 @@ def test_acting_takes_the_lower_of_the_learned_cap_and_the_ramp():
         assert float(racer.release_actions(agent, OBS * 100, bounds)[:, 0].max()) <= top + 1e-6
 
 
+def random_buffer():
+    rng = np.random.default_rng(4)
+    return replay.insert(replay.init_buffer(256, OBS_DIM), *(jnp.asarray(x, jnp.float32) for x in (
+        rng.normal(size=(256, OBS_DIM)), rng.uniform(-1, 1, (256, 2)), rng.normal(size=256), np.ones(256),
+        rng.normal(size=(256, OBS_DIM)))))  # fmt: skip
+
+
 @functools.cache
 def update_inputs(cfg):
     """One update's inputs for agents of `cfg` (a buffer of random transitions, its minibatches and
     noise) and its critic and policy steps, compiled once per config and bounds structure."""
     setup = racer.Setup(cfg, racer.make_optimizers(cfg), racer.atoms_of(cfg), devices.Shards(1, 32), 32, 2)
-    rng = np.random.default_rng(4)
-    buffer = replay.insert(replay.init_buffer(256, OBS_DIM), *(jnp.asarray(x, jnp.float32) for x in (
-        rng.normal(size=(256, OBS_DIM)), rng.uniform(-1, 1, (256, 2)), rng.normal(size=256), np.ones(256),
-        rng.normal(size=(256, OBS_DIM)))))  # fmt: skip
+    buffer = random_buffer()
     batches, noise, actor_noise = racer.draw_minibatches(setup, buffer, jax.random.PRNGKey(5), jax.random.PRNGKey(6))
     critic_steps = jax.jit(functools.partial(racer.critic_steps, setup))
     policy_step = jax.jit(functools.partial(racer.policy_step, setup))
@@ -266,9 +270,9 @@ def device_run(ramps=(0.3, 0.6)) -> dict:
     """Iterations of a capped learner under moving ramps, on this process's devices (design §4.8)."""
     cfg = small(**CAP, init_limit=0.5)
     learner = racer.make_learner(cfg, batch_size=32, utd_ratio=2, updates_per_iteration=2)
-    agent = capped_agent(0.5)
+    agent, buffer = capped_agent(0.5), random_buffer()
     for ramp in ramps:
-        agent, metrics = learner.iteration(agent, update_inputs(cfg)[0], SpeedBounds(ramp=np.float32(ramp)))
+        agent, metrics = learner.iteration(agent, buffer, SpeedBounds(ramp=np.float32(ramp)))
     leaves = [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(agent)]
     return {"devices": learner.num_devices, "compiles": learner.iteration._cache_size(), "leaves": leaves,
             "finite": bool(metrics["finite"])}  # fmt: skip

@@ -150,7 +150,7 @@ def test_capped_actions_stay_in_the_box_and_the_release_rule_clips_the_mean():
 @pytest.mark.parametrize("keep", [True, False])
 def test_the_reset_carries_the_cap_unless_told_not_to(keep):
     cfg = capped(keep_limit_on_reset=keep)
-    agent = racer.init_agent(cfg, OBS_DIM, 1, 0)
+    agent = racer.init_agent(capped(), OBS_DIM, 1, 0)  # the same architecture, its initializer compiled already
     learned = agent.replace(limit=agent.limit.replace(params=jnp.float32(0.8)))
     reset = racer.reset_agent(cfg, OBS_DIM, learned)
     assert float(reset.limit.params) == pytest.approx(0.8 if keep else cfg.init_limit)
