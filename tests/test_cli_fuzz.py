@@ -7,7 +7,6 @@ Refusals are found by parsing and validating, as the entry points do before anyt
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -18,7 +17,7 @@ import typing
 import pytest
 import tyro
 
-from conftest import ROOT, TINY_ARGS
+from conftest import ROOT, TINY_ARGS, train_here
 from racer_vec.run.train_cli import parse_train_args
 from racer_vec.config import ConfigError, TrainConfig
 from racer_vec.validation import flag_name
@@ -171,16 +170,6 @@ ACCEPTED_RUNS = [
 ]
 
 
-def _train_here(*args) -> int:
-    """train.py's main() in this process: the run's results are what these tests check, not its
-    process (test_entry_points_print_one_line_and_exit_2 runs the script), and the second run reuses
-    the first's imports (about 3 s of a new interpreter's)."""
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script.main(list(args))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", ACCEPTED_RUNS, ids=["zeros", "negatives"])
 def test_accepted_values_train(flags, tmp_path, capfd):
@@ -188,7 +177,7 @@ def test_accepted_values_train(flags, tmp_path, capfd):
     args += [item for flag, value in flags.items() for item in (flag, value)]
     if "--eval-interval" in flags:  # "0" turns it off; the other run evaluates
         args = _with(args, **{"--eval-interval": "0"})
-    code = _train_here(*args, "--runs-dir", str(tmp_path), "--run-name", "accepted", "--wandb-mode", "disabled")
+    code = train_here(*args, "--runs-dir", str(tmp_path), "--run-name", "accepted", "--wandb-mode", "disabled")
     err = capfd.readouterr().err  # the file descriptor's: the env workers' output too
     assert code == 0, err[-3000:]
     assert "Traceback" not in err
