@@ -132,6 +132,7 @@ def pointnet_buffer():
     return filled_buffer(*random_transitions(np.random.default_rng(0), 256))
 
 
+@pytest.mark.slow
 def test_iteration_is_one_compiled_call_that_updates_everything(pointnet_learner, pointnet_buffer):
     agent = racer.init_agent(POINTNET, VEHICLES * 6, VEHICLES, 0)
     before = jax.tree.map(lambda x: np.array(x, copy=True), agent)  # a view would block donation
@@ -224,6 +225,7 @@ def test_actions_respect_the_learned_limit():
 # Learning
 
 
+@pytest.mark.slow
 def test_critic_converges_to_the_projected_bootstrapped_distribution():
     """State A -> B with r = 1 (not terminal), B terminal with r = 2, discount 0.99: the return from
     A is 2.98, which the unit-spaced support holds as 0.02 on atom 2 and 0.98 on atom 3."""
@@ -249,6 +251,7 @@ def test_critic_converges_to_the_projected_bootstrapped_distribution():
     np.testing.assert_allclose(probs[:, 16:], np.broadcast_to(expected_b, probs[:, 16:].shape), atol=0.05)
 
 
+@pytest.mark.slow
 def test_bootstrapping_terminations_is_an_ablation_that_changes_the_target():
     """State B of the test above (r = 2, then the end: all mass on atom 2 there) with its
     termination ignored: B -> B with r = 2 forever is worth 200, above the support, so the mass
@@ -277,6 +280,7 @@ def bandit_buffer(seed=0):
     return filled_buffer(obs, actions, rewards, np.zeros(CAPACITY, np.float32), obs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cvar_risk", "arm"), [(0.0, "risky"), (0.8, "safe")])
 def test_risk_level_decides_between_the_risky_and_the_safe_arm(cvar_risk, arm):
     agent, metrics = run(small_learner(cvar_risk), racer.init_agent(small(cvar_risk), 2, 1, 0), bandit_buffer(), 3)

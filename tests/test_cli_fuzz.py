@@ -138,6 +138,7 @@ def test_evaluate_refuses_bad_numbers_naming_the_flag(path, arity, capsys):
             assert (flag, value) in EVAL_ACCEPTED, f"{flag} {value} is accepted: refuse it, or list why it runs"
 
 
+@pytest.mark.slow
 def test_entry_points_print_one_line_and_exit_2():
     for script, args in (
         ("train.py", ["--seed", "-1"]),

@@ -422,6 +422,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert len(err.strip().splitlines()) == 1 and message in err and err.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_entry_point_runs_as_a_script_without_jax_at_import():
     # workers re-import the entry module and evaluation's modules: no JAX there (design §2)
     check = "import sys, evaluate, racer_vec.run.evaluation, racer_vec.sim.video; assert 'jax' not in sys.modules"

@@ -199,6 +199,7 @@ except WriteFailed as exc:
 """
 
 
+@pytest.mark.slow
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_the_steps_before_it_stay(tmp_path):
     result = python("-c", CHECKPOINT_ON_A_FULL_DISK, str(tmp_path / "checkpoints"), limit=50_000)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -215,6 +216,7 @@ def test_a_metrics_line_that_cannot_be_written_names_its_path(tmp_path):
         directory.log({"env_steps": 100})
 
 
+@pytest.mark.slow
 def test_results_and_plots_on_a_full_disk_are_one_line_and_exit_1_keeping_the_old_file(tmp_path):
     run = fake_run(tmp_path / "run")
     output = tmp_path / "out" / "run.json"
@@ -249,6 +251,7 @@ def test_the_sweep_report_on_a_full_disk_is_one_line_and_exit_1(tmp_path, capsys
     one_error_line(capsys.readouterr().err, f"error: report: cannot write {sweep_dir / 'results' / name}_300.json")
 
 
+@pytest.mark.slow
 def test_a_video_on_a_full_disk_is_one_line_and_exit_1(tmp_path):
     result = python("evaluate.py", "--policy", "zero", "--preset", "highway_fast", "--num-episodes", "1",
                     "--duration", "3", "--num-workers", "1", "--output-dir", str(tmp_path), limit=8_000)  # fmt: skip
@@ -308,6 +311,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_the_watchdog_ends_what_a_killed_sweep_started(tmp_path):
     sweep = subprocess.Popen([sys.executable, "-c", STAND_IN_SWEEP, str(tmp_path), TRIAL, str(tmp_path / "trial")],
                              stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)  # fmt: skip
@@ -345,6 +349,7 @@ def _hang(monkeypatch, *hangs: Hang) -> None:
         worker_hooks.continue_later(hang.marker)
 
 
+@pytest.mark.slow
 def test_a_worker_that_hangs_while_it_starts_is_named_and_killed(tmp_path, monkeypatch):
     marker = str(tmp_path / "hung")
     _hang(monkeypatch, Hang(1, "start", 1, marker))
@@ -375,6 +380,7 @@ def test_a_stop_ends_the_wait_for_a_hung_worker_and_the_close_kills_it(tmp_path,
     assert time.monotonic() - started < 20 and no_worker_left() == []  # gymnasium's close waits for the step
 
 
+@pytest.mark.slow
 def test_a_close_kills_a_worker_stopped_between_calls():
     envs = highway.make_vector_env(FAST, 2, seed=0)
     envs.reset(seed=0)

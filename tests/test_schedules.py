@@ -170,6 +170,7 @@ def capped_agent(h: float):
 OBS = jnp.asarray(np.random.default_rng(2).normal(size=(512, OBS_DIM)) * 3, jnp.float32)
 
 
+@pytest.mark.slow
 def test_sampled_actions_keep_the_floor_and_evaluation_actions_have_none():
     agent = racer.init_agent(small(), OBS_DIM, 1, 1)
     floored = np.asarray(racer.sample_actions(agent, OBS, jax.random.PRNGKey(0), SpeedBounds(floor=np.float32(0.75))))

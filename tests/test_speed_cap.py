@@ -121,6 +121,7 @@ def limit_after_policy_steps(cfg, slope: float, alpha: float, steps: int = 30) -
     return float(agent.limit.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_the_cap_follows_the_critics_cvar_and_not_the_entropy_bonus(alpha):
     """design §4.6: the cap rises where the CVaR increases with speed and falls where it decreases,

@@ -375,6 +375,7 @@ def test_stored_transitions_never_cross_episode_boundaries(stepped):
     assert ends >= 4
 
 
+@pytest.mark.slow
 def test_the_loop_compiles_its_calls_once(stepped):
     """The sampler and the update compile on the first iteration only. (An uncommitted PRNG key
     once made the sampler compile a second time on the second iteration, ~1 s of a timed loop.)"""

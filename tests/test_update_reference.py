@@ -49,6 +49,9 @@ from racer_vec.learner import agent as racer
 from racer_vec.learner import replay
 from racer_vec.config import ACTION_DIM, AgentConfig
 
+# two learners compiled (~16 s): a long single check, so the quick subset leaves it out
+pytestmark = pytest.mark.slow
+
 VEHICLES = 4  # observation rows (ego + 3 others), 6 features each
 FEATURES = 6
 OBS_DIM = VEHICLES * FEATURES
